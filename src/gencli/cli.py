@@ -1,0 +1,46 @@
+"""``gencli VERB [overrides...]``: pick the verb's Hydra app and hand it the rest. Nothing else."""
+
+from __future__ import annotations
+
+import sys
+
+from gencli.errors import GencliError
+
+VERBS = {
+    "train": ("gencli.jobs.train", "train a model: gencli train model=vae data=digits trainer=cpu"),
+    "sample": ("gencli.jobs.sample", "images from a checkpoint: gencli sample ckpt=PATH n=64 [mode=interpolate]"),
+    "eval": ("gencli.jobs.evaluate", "metrics for a checkpoint: gencli eval ckpt=PATH [metric=recon]"),
+}
+
+USAGE = "usage: gencli {train,sample,eval} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(
+    f"  {verb:<7} {text}" for verb, (_, text) in VERBS.items()
+) + "\n\n'gencli VERB --help' lists that verb's config groups and options."
+
+
+def main(argv: list[str] | None = None) -> None:
+    import importlib
+
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        sys.exit(0 if argv else 2)
+    verb, overrides = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"gencli error: '{verb}' is not a verb; use one of {', '.join(VERBS)}.\n\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    from gencli.config import check_group_overrides
+
+    try:
+        check_group_overrides(overrides)
+    except GencliError as err:
+        print(f"gencli error: {err.message}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    module = importlib.import_module(VERBS[verb][0])
+    # Hydra reads its overrides from sys.argv; argv[0] becomes the job's own file so that
+    # Lightning's DDP launcher, which re-runs sys.argv once per extra rank, re-runs this job.
+    sys.argv = [module.__file__, *overrides]
+    module.main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""Autoencoder: deterministic encoder/decoder trained on reconstruction (MSE or BCE).
+
+``noise_std > 0`` makes it a denoising autoencoder (Gaussian noise on the input, clean target).
+An autoencoder has no prior of its own, so to *sample* from it we fit a full-covariance Gaussian to
+the training latents over each epoch (the "ex-post density estimation" of Ghosh et al. 2020) and
+decode draws from it. That fit is stored as buffers, so it travels in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gencli.errors import ConfigError
+from gencli.families.base import GenerativeModel
+
+RECON_LOSSES = ("mse", "bce")
+
+
+class EncoderDecoderModel(GenerativeModel):
+    """What the autoencoder and the VAE share: the nets, the output map and the recon error."""
+
+    has_encoder = True
+    has_latent = True
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, latent_dim: int, output: str, **base: Any):
+        super().__init__(**base)
+        if output not in RECON_LOSSES:
+            raise ConfigError(f"model.loss/likelihood={output!r} is not known; use one of {', '.join(RECON_LOSSES)}.")
+        self.encoder = encoder
+        self.decoder = decoder
+        self.latent_dim = int(latent_dim)
+        self.output = output
+        self.pixels = math.prod(self.image_shape)
+
+    def to_image(self, decoder_out: Tensor) -> Tensor:
+        """Decoder output -> image in [-1, 1] (tanh for MSE/Gaussian, 2*sigmoid-1 for BCE/Bernoulli)."""
+        return torch.tanh(decoder_out) if self.output == "mse" else 2 * torch.sigmoid(decoder_out) - 1
+
+    def recon_nll(self, decoder_out: Tensor, x: Tensor) -> Tensor:
+        """Per-sample reconstruction loss summed over pixels."""
+        if self.output == "bce":
+            target = (x + 1) / 2
+            return F.binary_cross_entropy_with_logits(decoder_out, target, reduction="none").flatten(1).sum(1)
+        return (torch.tanh(decoder_out) - x).pow(2).flatten(1).sum(1)
+
+    def decode(self, z: Tensor, **options: Any) -> Tensor:
+        return self.to_image(self.decoder(z))
+
+    @staticmethod
+    def pixel_mse(x_hat: Tensor, x: Tensor) -> Tensor:
+        """Per-sample MSE on the [0, 1] pixel scale (the scale papers report)."""
+        return ((x_hat - x) / 2).pow(2).flatten(1).mean(1)
+
+
+class Autoencoder(EncoderDecoderModel):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        image_shape: tuple[int, int, int],
+        latent_dim: int = 16,
+        loss: str = "mse",
+        noise_std: float = 0.0,
+        **base: Any,
+    ):
+        super().__init__(encoder, decoder, latent_dim, output=loss, image_shape=image_shape, **base)
+        self.save_hyperparameters(ignore=["encoder", "decoder", "optimizer", "scheduler"])
+        if noise_std < 0:
+            raise ConfigError(f"model.noise_std={noise_std} must be >= 0 (0 turns denoising off).")
+        self.noise_std = float(noise_std)
+        self.to_latent = nn.Linear(encoder.out_features, self.latent_dim)
+        # The Gaussian fitted to training latents: what sample() decodes from.
+        self.register_buffer("latent_mean", torch.zeros(self.latent_dim))
+        self.register_buffer("latent_scale_tril", torch.eye(self.latent_dim))
+        self._moments: list[Tensor] | None = None
+
+    def encode(self, x: Tensor) -> Tensor:
+        return self.to_latent(self.encoder(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.reconstruct(x)
+
+    def training_step(self, batch, batch_idx):
+        x = batch[0]
+        noisy = x + self.noise_std * torch.randn_like(x) if self.noise_std > 0 else x
+        z = self.encode(noisy)
+        loss = self.recon_nll(self.decoder(z), x).mean()
+        self._accumulate_moments(z.detach())
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x = batch[0]
+        out = self.decoder(self.encode(x))
+        loss = self.recon_nll(out, x).mean()
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/recon_mse", self.pixel_mse(self.to_image(out), x).mean(), sync_dist=True)
+
+    # ---- the latent Gaussian
+    def on_train_epoch_start(self) -> None:
+        self._moments = None
+
+    def _accumulate_moments(self, z: Tensor) -> None:
+        z = z.double()
+        stats = [torch.tensor(float(len(z)), dtype=torch.float64, device=z.device), z.sum(0), z.T @ z]
+        self._moments = stats if self._moments is None else [a + b for a, b in zip(self._moments, stats)]
+
+    def on_train_epoch_end(self) -> None:
+        if self._moments is None:
+            return
+        count, total, outer = (self.trainer.strategy.reduce(m, reduce_op="sum") for m in self._moments)
+        mean = total / count
+        cov = outer / count - torch.outer(mean, mean)
+        cov = cov + 1e-5 * torch.eye(len(mean), dtype=cov.dtype, device=cov.device)
+        self.latent_mean.copy_(mean.float())
+        self.latent_scale_tril.copy_(torch.linalg.cholesky(cov).float())
+
+    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        eps = self.randn((n, self.latent_dim), generator)
+        return self.latent_mean + eps @ self.latent_scale_tril.T
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        return self.decode(self.prior(n, generator))
+
+    @torch.no_grad()
+    def score_batch(self, x: Tensor) -> dict[str, Tensor]:
+        return {"recon_mse": self.pixel_mse(self.reconstruct(x), x)}
+
+    def sampling_info(self, **options: Any) -> dict[str, Any]:
+        return {"family": "Autoencoder", "prior": "full-covariance Gaussian fitted to training latents"}

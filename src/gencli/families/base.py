@@ -1,0 +1,108 @@
+"""GenerativeModel: the one interface that ``gencli sample`` and ``gencli eval`` rely on.
+
+Every family (autoencoder, VAE, GAN, diffusion) is a LightningModule that subclasses this and
+implements :meth:`sample`; families with a latent space also implement :meth:`encode` /
+:meth:`decode` (or just :meth:`decode` and :meth:`prior` for decoder-only families like GANs).
+The jobs never ask which family they hold: they call these methods and read these attributes.
+
+Conventions: images are float tensors in [-1, 1], NCHW; ``image_shape`` is (C, H, W), fixed at
+construction from the data config and saved in the hyper-parameters.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+
+class GenerativeModel(L.LightningModule):
+    #: True when the family maps images to latents and back (``encode``/``decode``).
+    has_encoder: bool = False
+    #: True when samples come from decoding a latent drawn from :meth:`prior` (interpolation works).
+    has_latent: bool = False
+    #: Keyword options :meth:`sample` understands, given at sample/eval time (``use_ema=false``,
+    #: ``truncation=0.7``, ``sampler=ddim``); the jobs reject any other with a clear error.
+    supported_sample_options: tuple[str, ...] = ()
+
+    def __init__(
+        self,
+        image_shape: tuple[int, int, int] | list[int],
+        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
+        scheduler: Callable[..., Any] | None = None,
+        monitor: str = "val/loss",
+        monitor_mode: str = "min",
+    ):
+        super().__init__()
+        self.image_shape = tuple(int(s) for s in image_shape)
+        # Partials (functools.partial from Hydra's ``_partial_: true``) are kept out of the
+        # hyper-parameters: checkpoints must hold only plain data so they load with weights_only.
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.monitor = monitor
+        self.monitor_mode = monitor_mode
+        #: The fully resolved run config, set by the train job and saved in every checkpoint so
+        #: that ``gencli sample ckpt=...`` rebuilds the model with nothing else.
+        self.run_config: dict | None = None
+
+    # ----------------------------------------------------------------- the interface
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+        """Return ``n`` images in [-1, 1], shape (n, *image_shape)."""
+        raise NotImplementedError
+
+    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """Draw ``n`` latents from the family's prior (only where ``has_latent``)."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent prior")
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Map images to latents (the posterior mean for a VAE)."""
+        raise NotImplementedError(f"{type(self).__name__} has no encoder")
+
+    def decode(self, z: Tensor, **options: Any) -> Tensor:
+        """Map latents to images in [-1, 1]."""
+        raise NotImplementedError(f"{type(self).__name__} has no decoder")
+
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Encode and decode ``x`` deterministically (only where ``has_encoder``)."""
+        return self.decode(self.encode(x))
+
+    def score_batch(self, x: Tensor) -> dict[str, Tensor]:
+        """Per-sample evaluation terms for a batch of real images, e.g. reconstruction error.
+
+        Returns a dict of 1-D tensors of length ``len(x)``; families without an encoder return {}.
+        ``gencli eval metric=recon`` averages them and writes them per sample as anomaly scores.
+        """
+        return {}
+
+    def sampling_info(self, **options: Any) -> dict[str, Any]:
+        """What produced the samples, for the provenance in metrics.json (EMA, sampler, steps)."""
+        return {"family": type(self).__name__}
+
+    # ----------------------------------------------------------------- shared plumbing
+    def randn(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+        """Gaussian noise drawn on the generator's device, then moved: reproducible on CPU and GPU."""
+        device = generator.device if generator is not None else self.device
+        return torch.randn(shape, generator=generator, device=device).to(self.device)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer=optimizer)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        from gencli import __version__
+
+        checkpoint["gencli"] = {
+            "version": __version__,
+            "config": self.run_config,
+            "image_shape": list(self.image_shape),
+            "family": type(self).__name__,
+        }

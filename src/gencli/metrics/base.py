@@ -1,0 +1,65 @@
+"""The plug-in point of ``gencli eval``.
+
+``conf/metric/<name>.yaml`` holds a mapping of metric name -> config with a ``_target_`` subclass of
+:class:`EvalMetric`; the eval job instantiates each, calls it with one shared :class:`EvalContext`
+and merges the returned values and provenance into ``metrics.json``. A new metric (FID, KID, ...)
+is a new class and a new YAML file, with no change to the job.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gencli.errors import ConfigError
+
+
+@dataclass
+class EvalContext:
+    """Everything a metric may use. ``model`` is None when evaluating ``samples=`` files alone."""
+
+    model: Any | None
+    datamodule: Any | None
+    split: str
+    n: int
+    batch_size: int
+    seed: int
+    device: torch.device
+    out_dir: Path
+    sample_options: dict = field(default_factory=dict)
+    ckpt: str | None = None
+    samples: str | None = None
+
+    def require_encoder(self, metric: str) -> Any:
+        if self.model is None:
+            raise ConfigError(f"metric {metric} needs ckpt=PATH of a model with an encoder (ae, vae).")
+        if not self.model.has_encoder:
+            raise ConfigError(
+                f"metric {metric} needs a family with an encoder (ae, vae); ckpt={self.ckpt} holds a "
+                f"{type(self.model).__name__}. Use a sample-based metric instead (e.g. metric=fid)."
+            )
+        return self.model
+
+    def require_data(self, metric: str) -> Any:
+        if self.datamodule is None:
+            raise ConfigError(f"metric {metric} needs real images: give data=<name> (and data.root=...) or a ckpt.")
+        return self.datamodule
+
+
+@dataclass
+class MetricResult:
+    values: dict[str, float]
+    provenance: dict[str, Any] = field(default_factory=dict)
+    files: list[str] = field(default_factory=list)
+
+
+class EvalMetric:
+    """Base class: subclasses implement :meth:`__call__`."""
+
+    name = "metric"
+
+    def __call__(self, ctx: EvalContext) -> MetricResult:
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Plain ``nn.Module`` building blocks: no losses, no optimisers, no Lightning."""
