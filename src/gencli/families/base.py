@@ -100,9 +100,27 @@ class GenerativeModel(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         from gencli import __version__
 
+        # Hydra hands constructors OmegaConf containers; turn them into plain lists/dicts so the
+        # checkpoint loads with torch.load(weights_only=True).
+        if "hyper_parameters" in checkpoint:
+            checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
+
         checkpoint["gencli"] = {
             "version": __version__,
             "config": self.run_config,
             "image_shape": list(self.image_shape),
             "family": type(self).__name__,
         }
+
+
+def plain(value: Any) -> Any:
+    """OmegaConf containers (nested anywhere) -> plain Python lists and dicts."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(plain(v) for v in value)
+    return value
