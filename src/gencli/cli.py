@@ -39,6 +39,11 @@ def main(argv: list[str] | None = None) -> None:
     # Hydra reads its overrides from sys.argv; argv[0] becomes the job's own file so that
     # Lightning's DDP launcher, which re-runs sys.argv once per extra rank, re-runs this job.
     sys.argv = [module.__file__, *overrides]
+    main_module = sys.modules["__main__"]
+    if getattr(main_module, "__spec__", None) is not None:
+        # Run as 'python -m gencli.cli': the launcher re-runs 'python -m <__main__'s spec>', so
+        # make that the job module (which has its own __main__ block), not the verb dispatcher.
+        main_module.__spec__ = module.__spec__
     module.main()
 
 

@@ -1,0 +1,104 @@
+"""The gencli command line: help, clear errors with the right exit codes, multirun, 2-process DDP."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import FAST_TRAIN, describe
+
+
+def assert_clear_error(result, code: int, *needles: str) -> None:
+    """Exit ``code``, one 'gencli error:' paragraph naming the bad value, and no traceback."""
+    assert result.returncode == code, describe(result)
+    assert "Traceback" not in result.stderr, describe(result)
+    assert "gencli error:" in result.stderr, describe(result)
+    for needle in needles:
+        assert needle in result.stderr, describe(result)
+
+
+def test_help_lists_the_verbs(run_gencli):
+    result = run_gencli("--help")
+    assert result.returncode == 0
+    for verb in ("train", "sample", "eval"):
+        assert verb in result.stdout
+
+
+def test_unknown_verb(run_gencli):
+    assert_clear_error(run_gencli("trian"), 2, "'trian' is not a verb")
+
+
+def test_train_help_and_cfg_job_behave_as_hydra(run_gencli):
+    result = run_gencli("train", "--help")
+    assert result.returncode == 0, describe(result)
+    groups = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("model: ", "data: ")))
+    assert {"ae", "vae"} <= set(groups["model"].split(", "))
+    assert {"digits", "mnist", "fashion_mnist", "cifar10", "folder"} <= set(groups["data"].split(", "))
+    result = run_gencli("train", "model=ae", "data=mnist", "trainer=gpu", "--cfg", "job")
+    assert result.returncode == 0, describe(result)
+    assert "gencli.families.autoencoder.Autoencoder" in result.stdout
+    assert "accelerator: gpu" in result.stdout and "noise_std" in result.stdout
+
+
+def test_unknown_model(run_gencli):
+    assert_clear_error(run_gencli("train", "model=vea"), 2, "model=vea is not a known model", "vae")
+
+
+def test_missing_data_root_offline(run_gencli, tmp_path):
+    result = run_gencli("train", "data=mnist", f"data.root={tmp_path / 'no_mnist'}", "trainer.max_epochs=1")
+    assert_clear_error(result, 1, "train-images-idx3-ubyte", str(tmp_path / "no_mnist"), "data.download=true")
+
+
+def test_checkpoint_that_does_not_exist(run_gencli, tmp_path):
+    missing = tmp_path / "nope" / "last.ckpt"
+    for verb in ("sample", "eval"):
+        assert_clear_error(run_gencli(verb, f"ckpt={missing}"), 2, f"ckpt={missing} does not exist")
+
+
+def test_file_that_is_not_a_checkpoint(run_gencli, tmp_path):
+    fake = tmp_path / "notes.ckpt"
+    fake.write_text("these are my notes, not weights")
+    assert_clear_error(run_gencli("sample", f"ckpt={fake}"), 2, f"ckpt={fake} is not a readable PyTorch checkpoint")
+
+
+def test_missing_ckpt_argument(run_gencli):
+    assert_clear_error(run_gencli("sample"), 2, "needs ckpt=PATH")
+
+
+def test_bad_value_inside_a_constructor(run_gencli):
+    assert_clear_error(run_gencli("train", "data.image_size=12"), 2, "image size 12", "data.image_size")
+
+
+def test_full_traceback_on_request(run_gencli):
+    result = run_gencli("train", "data.image_size=12", env={"HYDRA_FULL_ERROR": "1"})
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.slow
+def test_multirun_one_directory_per_job(run_gencli, tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_gencli("train", "-m", "model=ae,vae", *FAST_TRAIN, "trainer.max_epochs=1", "data.image_size=8",
+                        f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 0, describe(result)
+    jobs = sorted(p for p in sweep.iterdir() if p.is_dir() and p.name.isdigit())
+    assert [p.name for p in jobs] == ["0", "1"]
+    targets = set()
+    for job in jobs:
+        assert (job / "checkpoints" / "last.ckpt").is_file()
+        report = json.loads((job / "metrics.json").read_text())
+        targets.add(report["provenance"]["model"])
+    assert targets == {"gencli.families.autoencoder.Autoencoder", "gencli.families.vae.VAE"}
+
+
+@pytest.mark.slow
+def test_ddp_cpu_two_processes_one_run_directory(run_gencli, tmp_path):
+    result = run_gencli("train", "trainer=ddp_cpu", *FAST_TRAIN, "trainer.max_epochs=1", "data.image_size=8")
+    assert result.returncode == 0, describe(result)
+    runs = list((tmp_path / "outputs" / "train" / "runs").iterdir())
+    assert len(runs) == 1, runs  # the second rank shares the first rank's directory
+    run = runs[0]
+    assert (run / "train_ddp_process_1.log").exists()  # rank 1 really ran, in this directory
+    checkpoints = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert "last.ckpt" in checkpoints and len([c for c in checkpoints if c.startswith("best")]) == 1
+    report = json.loads((run / "metrics.json").read_text())
+    assert report["steps"] > 0
