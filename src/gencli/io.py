@@ -126,10 +126,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip, EOF, IndexError on text...: all mean "not a checkpoint"
+        unsafe = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
+        if unsafe:
+            raise ConfigError(
+                f"ckpt={path} holds pickled Python objects besides tensors and plain data "
+                f"({unsafe[0].split('WeightsUnpickler error: ')[-1][:160]}), so gencli will not load it: "
+                "loading with weights_only=True is what keeps a downloaded checkpoint from running code. "
+                "Give a .ckpt written by this version of 'gencli train'."
+            ) from err
         raise ConfigError(
             f"ckpt={path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200]}). Give a .ckpt written by 'gencli train'; a truncated file "
-            "usually means the run was killed while saving, so use the run's other checkpoint (last.ckpt or best)."
+            f"{str(err).splitlines()[0][:200] if str(err) else 'unreadable'}). Give a .ckpt written by "
+            "'gencli train'; a truncated file usually means the run was killed while saving, so use the "
+            "run's other checkpoint (last.ckpt or best-*.ckpt)."
         ) from err
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         raise ConfigError(

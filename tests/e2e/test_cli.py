@@ -116,3 +116,20 @@ def test_optuna_search_optimises_the_returned_metric(run_gencli, tmp_path):
     values = [json.loads((sweep / str(i) / "metrics.json").read_text())["metrics"]["val/bpd"] for i in range(2)]
     best = float(summary.split("best_value:")[1].split()[0])
     assert best == pytest.approx(min(values), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_sample_and_eval_against_another_data_set(run_gencli, tmp_path, mnist_root):
+    run_dir = tmp_path / "train"
+    result = run_gencli("train", "model=ae", *FAST_TRAIN, "trainer.max_epochs=1", "data.image_size=8",
+                        f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, describe(result)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    mnist = ["data=mnist", f"data.root={mnist_root}", "data.image_size=8"]
+    result = run_gencli("eval", f"ckpt={ckpt}", *mnist, f"hydra.run.dir={tmp_path / 'eval'}")
+    assert result.returncode == 0, describe(result)
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert report["provenance"]["run"]["data"]["name"] == "mnist"
+    # RGB images (the run's own PNGs) for a grayscale model: refused before any convolution runs.
+    assert_clear_error(run_gencli("sample", f"ckpt={ckpt}", "mode=reconstruct", "data=folder",
+                                  f"data.root={tmp_path}", "data.image_size=8"), 2, "data.channels=1")

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gencli.errors import ConfigError, GencliError
@@ -61,16 +61,31 @@ def pick_device(name: str) -> torch.device:
         raise ConfigError(f"device={name} is not a device; use auto, cpu, cuda or cuda:N.") from err
 
 
-def datamodule_for(cfg: DictConfig, checkpoint: dict, batch_size: int):
-    """The data module a job compares against: ``data=`` from the command line, else the checkpoint's own."""
+def datamodule_for(cfg: DictConfig, checkpoint: dict | None, batch_size: int, image_shape: tuple | None = None):
+    """The data module a job compares against: ``data=`` from the command line, else the checkpoint's own.
+
+    With ``image_shape`` (the model's), a data set of another shape is refused up front rather than
+    failing inside a convolution.
+    """
     from hydra.utils import instantiate
 
     if cfg.get("data") is not None:
+        # The sample/eval configs have no hardware group: loading here is single-process.
+        with open_dict(cfg):
+            cfg.data.update(batch_size=batch_size, num_workers=0, pin_memory=False)
         data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     else:
         data_cfg = dict(checkpoint["gencli"]["config"]["data"])
-    data_cfg.update(batch_size=batch_size, num_workers=0, pin_memory=False)
-    return instantiate(data_cfg)
+        data_cfg.update(batch_size=batch_size, num_workers=0, pin_memory=False)
+    datamodule = instantiate(data_cfg)
+    if image_shape is not None and tuple(datamodule.image_shape) != tuple(image_shape):
+        c, h, _ = image_shape
+        raise ConfigError(
+            f"data={datamodule.name} gives images of shape {tuple(datamodule.image_shape)} but the checkpoint's model "
+            f"works on {tuple(image_shape)}; add data.image_size={h} data.channels={c}, or drop data= to use the "
+            "checkpoint's own data set."
+        )
+    return datamodule
 
 
 def sample_options(cfg: DictConfig, model) -> dict[str, Any]:

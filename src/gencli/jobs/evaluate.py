@@ -34,7 +34,8 @@ def evaluate(cfg: DictConfig) -> dict:
     model, checkpoint = restore_model(cfg.ckpt) if cfg.get("ckpt") else (None, None)
     if model is not None:
         model = model.to(device)
-    datamodule = datamodule_for(cfg, checkpoint, cfg.batch_size) if (checkpoint or cfg.get("data")) else None
+    datamodule = (datamodule_for(cfg, checkpoint, cfg.batch_size, model.image_shape if model is not None else None)
+                  if (checkpoint or cfg.get("data")) else None)
     ctx = EvalContext(
         model=model, datamodule=datamodule, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, seed=cfg.seed,
         device=device, out_dir=Path(cfg.paths.output_dir), ckpt=cfg.get("ckpt"), samples=cfg.get("samples"),

@@ -86,7 +86,7 @@ def interpolate(model, cfg: DictConfig, generator: torch.Generator, options: dic
 def reconstruct(model, cfg: DictConfig, checkpoint: dict) -> torch.Tensor:
     if not model.has_encoder:
         raise ConfigError(f"mode=reconstruct needs a family with an encoder (ae, vae); {type(model).__name__} has none.")
-    data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 64))
+    data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 64), image_shape=model.image_shape)
     x = next(iter(data.val_dataloader()))[0][: min(cfg.n, 64)].to(model.device)
     return torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1).cpu()
 
