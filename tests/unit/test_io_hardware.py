@@ -1,0 +1,68 @@
+"""File edges (atomic writes, grids, npz, slerp) and hardware settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from gencli.errors import ConfigError
+from gencli.hardware import HardwareSettings
+from gencli.io import atomic_write, from_uint8, make_grid, save_image_grid, save_npz, to_uint8
+from gencli.jobs.sample import slerp
+from gencli.nets.conv import ConvEncoder
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "metrics.json"
+    with pytest.raises(RuntimeError):
+        with atomic_write(target, "w") as f:
+            f.write("half")
+            raise RuntimeError("killed mid-write")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+    with atomic_write(target, "w") as f:
+        f.write("whole")
+    assert target.read_text() == "whole"
+
+
+def test_uint8_round_trip_and_npz(tmp_path):
+    images = torch.rand(3, 1, 4, 4) * 2 - 1
+    array = to_uint8(images)
+    assert array.shape == (3, 4, 4, 1) and array.dtype == np.uint8
+    assert torch.allclose(from_uint8(array), images, atol=1 / 127.5)
+    save_npz(tmp_path / "s.npz", array)
+    assert np.array_equal(np.load(tmp_path / "s.npz")["images"], array)
+
+
+def test_grid_layout_and_png(tmp_path):
+    grid = make_grid(torch.zeros(5, 3, 4, 4), nrow=3, padding=1)
+    assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
+    path = save_image_grid(tmp_path / "g.png", torch.zeros(4, 1, 8, 8), scale=2)
+    from PIL import Image
+
+    assert Image.open(path).size == ((2 * 10 + 2) * 2, (2 * 10 + 2) * 2)
+
+
+def test_slerp_endpoints_and_norm():
+    a, b = torch.randn(2, 16), torch.randn(2, 16)
+    path = slerp(a, b, torch.linspace(0, 1, 5))
+    assert path.shape == (2, 5, 16)
+    assert torch.allclose(path[:, 0], a, atol=1e-5) and torch.allclose(path[:, -1], b, atol=1e-5)
+    # Between two equal-norm vectors slerp stays on the sphere (linear interpolation would not).
+    b = b / b.norm(dim=1, keepdim=True) * a.norm(dim=1, keepdim=True)
+    mid = slerp(a, b, torch.tensor([0.5]))[:, 0]
+    assert torch.allclose(mid.norm(dim=1), a.norm(dim=1), rtol=1e-4)
+
+
+def test_hardware_settings_apply_and_validate():
+    model = torch.nn.Sequential(ConvEncoder(1, 8, 4, base_channels=4))
+    HardwareSettings(channels_last=True, compile=True, matmul_precision="high").apply(model)
+    assert torch.get_float32_matmul_precision() == "high"
+    assert model[0].features[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert model[0]._compiled_call_impl is not None  # compiled in place: state_dict keys unchanged
+    assert all(not k.startswith("_orig_mod") for k in model.state_dict())
+    torch.set_float32_matmul_precision("highest")
+    with pytest.raises(ConfigError, match="hardware.precision=8-bit"):
+        HardwareSettings(precision="8-bit")
+    with pytest.raises(ConfigError, match="num_workers"):
+        HardwareSettings(num_workers=-1)
