@@ -19,7 +19,10 @@ USAGE = "usage: gencli {train,sample,eval} [hydra overrides...] [--help] [--cfg 
 
 def main(argv: list[str] | None = None) -> None:
     import importlib
+    import signal
 
+    if hasattr(signal, "SIGPIPE"):  # 'gencli train --help | head' should end quietly, like any CLI
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
