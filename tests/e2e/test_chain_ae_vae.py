@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+
 from conftest import FAST_TRAIN, describe
 
 pytestmark = pytest.mark.slow

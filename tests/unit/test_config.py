@@ -20,17 +20,19 @@ NEEDS_FILES = {"ldm"}
 
 def test_every_target_is_a_real_class():
     targets = set()
+
+    def walk(node, where):
+        if isinstance(node, dict):
+            if "_target_" in node:
+                targets.add((node["_target_"], where))
+            for value in node.values():
+                walk(value, where)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value, where)
+
     for path in config_dir().rglob("*.yaml"):
-        def walk(node):
-            if isinstance(node, dict):
-                if "_target_" in node:
-                    targets.add((node["_target_"], path.name))
-                for value in node.values():
-                    walk(value)
-            elif isinstance(node, list):
-                for value in node:
-                    walk(value)
-        walk(yaml.safe_load(path.read_text()) or {})
+        walk(yaml.safe_load(path.read_text()) or {}, path.name)
     assert targets
     for target, where in sorted(targets):
         module, _, name = target.rpartition(".")

@@ -7,8 +7,13 @@ import urllib.error
 import pytest
 import torch
 
-from gencli.data import (CIFAR10DataModule, DigitsDataModule, FashionMNISTDataModule, FolderDataModule,
-                         MNISTDataModule)
+from gencli.data import (
+    CIFAR10DataModule,
+    DigitsDataModule,
+    FashionMNISTDataModule,
+    FolderDataModule,
+    MNISTDataModule,
+)
 from gencli.data.base import resize_uint8
 from gencli.errors import ConfigError, RuntimeFailure
 
