@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
-from gencli.io import auto_scale, save_image_grid
+from gencli.io import auto_scale, make_grid, save_image_grid
 
 
 class SampleGrid(L.Callback):
@@ -36,6 +36,10 @@ class SampleGrid(L.Callback):
             images = pl_module.sample(self.n, generator=generator)
             scale = auto_scale(images.shape[-1])
             self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, scale=scale)
+            for logger in trainer.loggers:  # TensorBoard shows the same grid beside the curves
+                if hasattr(getattr(logger, "experiment", None), "add_image"):
+                    grid = (make_grid(images.cpu()) + 1) / 2
+                    logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
             if self.reconstructions and pl_module.has_encoder and trainer.datamodule is not None:
                 x = next(iter(trainer.datamodule.val_dataloader()))[0][: min(32, self.n)].to(pl_module.device)
                 pairs = torch.stack([x, pl_module.reconstruct(x)], 1).flatten(0, 1)
