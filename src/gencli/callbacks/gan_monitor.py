@@ -15,10 +15,12 @@ Distances are in pixel space: cheap, and enough to see collapse (it is not a qua
 is). It warns once, through the ``gencli`` logger, when
 
 - the diversity ratio falls below ``collapse_ratio`` after ``warmup_steps`` (mode collapse), and
-- the discriminator wins outright for ``d_win_checks`` checks in a row after ``warmup_steps``: its
-  pairwise accuracy (the fraction of real/fake pairs it orders correctly, returned by the family's
-  training step as ``d_acc``), averaged over the batches since the last check, is at least
-  ``d_win_accuracy``.
+- the discriminator wins outright for ``d_win_checks`` checks in a row after ``warmup_steps``: the
+  fraction of images it classifies right beyond its loss's margin (``d_confident`` from the family's
+  training step: p >= 0.99 for bce, the hinge margin for hinge, where its loss gives G almost no
+  signal), averaged over the batches since the last check, is at least ``d_win_fraction``. Merely
+  ordering every real above every fake is common in healthy DCGAN runs and is not warned about;
+  WGAN-GP's critic is meant to be trained to optimality, so it reports no ``d_confident``.
 
 Families opt in with the class attribute ``monitor_diversity = True`` (the GAN does); for others the
 callback does nothing, so it sits in the default callbacks at no cost. Only rank 0 warns.
@@ -52,7 +54,7 @@ class GANMonitor(L.Callback):
         seed: int = 0,
         warmup_steps: int = 1000,
         collapse_ratio: float = 0.4,
-        d_win_accuracy: float = 0.99,
+        d_win_fraction: float = 0.95,
         d_win_checks: int = 5,
     ):
         if every_n_steps < 1 or n < 2:
@@ -62,14 +64,14 @@ class GANMonitor(L.Callback):
         self.seed = int(seed)
         self.warmup_steps = int(warmup_steps)
         self.collapse_ratio = float(collapse_ratio)
-        self.d_win_accuracy = float(d_win_accuracy)
+        self.d_win_fraction = float(d_win_fraction)
         self.d_win_checks = int(d_win_checks)
         self.real_distance: float | None = None
         self.history: list[tuple[int, float]] = []  # (step, diversity ratio) at each check
         self.warnings: list[str] = []
         self._bucket = -1
-        self._acc_sum = 0.0
-        self._acc_count = 0
+        self._confident_sum = 0.0
+        self._confident_count = 0
         self._d_win_streak = 0
         self._d_win_since: int | None = None
         self._warned_collapse = False
@@ -79,9 +81,9 @@ class GANMonitor(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not getattr(pl_module, "monitor_diversity", False):
             return
-        if isinstance(outputs, dict) and "d_acc" in outputs:
-            self._acc_sum += float(outputs["d_acc"])
-            self._acc_count += 1
+        if isinstance(outputs, dict) and outputs.get("d_confident") is not None:
+            self._confident_sum += float(outputs["d_confident"])
+            self._confident_count += 1
         step = trainer.global_step
         bucket = step // self.every_n_steps
         if bucket <= self._bucket:
@@ -98,7 +100,7 @@ class GANMonitor(L.Callback):
         if step >= self.warmup_steps:
             self.check_collapse(step, ratio)
             self.check_d_wins(step)
-        self._acc_sum, self._acc_count = 0.0, 0
+        self._confident_sum, self._confident_count = 0.0, 0
 
     @torch.no_grad()
     def diversity(self, trainer, pl_module, batch) -> float | None:
@@ -130,10 +132,10 @@ class GANMonitor(L.Callback):
         )
 
     def check_d_wins(self, step: int) -> None:
-        if self._acc_count == 0:
+        if self._confident_count == 0:
             return
-        accuracy = self._acc_sum / self._acc_count
-        if accuracy >= self.d_win_accuracy:
+        confident = self._confident_sum / self._confident_count
+        if confident >= self.d_win_fraction:
             self._d_win_streak += 1
             self._d_win_since = self._d_win_since if self._d_win_since is not None else step
         else:
@@ -142,8 +144,8 @@ class GANMonitor(L.Callback):
             self._warned_d_wins = True
             self.warn(
                 f"The discriminator is winning outright: for {self._d_win_streak} checks in a row (steps "
-                f"{self._d_win_since}-{step}) it told real from generated images apart almost perfectly (pairwise "
-                f"accuracy {accuracy:.3f} >= {self.d_win_accuracy:g}), so the generator gets little useful signal. "
+                f"{self._d_win_since}-{step}) it was sure and right about {confident:.0%} of real and generated "
+                f"images (threshold {self.d_win_fraction:.0%}), so the generator gets little useful signal. "
                 "Try weakening D or strengthening G: a lower model.d_optimizer.lr or higher model.g_optimizer.lr, "
                 "spectral norm (model=sngan), or fewer critic steps (model.n_critic)."
             )

@@ -31,6 +31,7 @@ samples. It is deterministic, so the same latents give the same images in ``mode
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -83,6 +84,21 @@ def gradient_penalty(discriminator: Callable[[Tensor], Tensor], real: Tensor, fa
 def pairwise_accuracy(d_real: Tensor, d_fake: Tensor) -> Tensor:
     """Fraction of (real, fake) pairs where D scores the real image higher (0.5: D cannot tell)."""
     return (d_real.detach().flatten()[:, None] > d_fake.detach().flatten()[None, :]).float().mean()
+
+
+#: Score margin beyond which D is "sure and right" about an image: p >= 0.99 for bce (logit log 99),
+#: the hinge margin 1 for hinge (there D's loss and gradient are exactly zero). WGAN-GP's critic has no
+#: such margin (it is meant to be trained to optimality), so it has none.
+CONFIDENT_MARGIN = {"bce": math.log(99.0), "hinge": 1.0}
+
+
+def confident_fraction(loss: str, d_real: Tensor, d_fake: Tensor) -> Tensor | None:
+    """Fraction of images (real and fake) D classifies right beyond its loss's margin; None for wgan_gp."""
+    margin = CONFIDENT_MARGIN.get(loss)
+    if margin is None:
+        return None
+    right = torch.cat([d_real.detach().flatten() >= margin, d_fake.detach().flatten() <= -margin])
+    return right.float().mean()
 
 
 # ----------------------------------------------------------------------------- the family
@@ -262,6 +278,9 @@ class GAN(GenerativeModel):
         d_adv = discriminator_loss(self.loss, d_real, d_fake)
         logs = {"train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean(),
                 "train/d_acc": pairwise_accuracy(d_real, d_fake)}
+        confident = confident_fraction(self.loss, d_real, d_fake)
+        if confident is not None:
+            logs["train/d_confident"] = confident
         d_loss = d_adv
         if self.loss == "wgan_gp":
             gp = gradient_penalty(self.discriminator, real, fake)
@@ -288,7 +307,8 @@ class GAN(GenerativeModel):
         self.log_dict(logs, prog_bar=False)
         self.log_dict({k.split("/")[1]: v for k, v in logs.items() if k in ("train/d_loss", "train/g_loss")},
                       prog_bar=True, logger=False)
-        return {"d_acc": logs["train/d_acc"], "d_real": logs["train/d_real"], "d_fake": logs["train/d_fake"]}
+        # For the GANMonitor callback (Lightning hands this dict to on_train_batch_end).
+        return {"d_acc": logs["train/d_acc"], "d_confident": confident}
 
     @torch.no_grad()
     def update_ema(self) -> None:
