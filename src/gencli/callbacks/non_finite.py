@@ -118,8 +118,12 @@ class NonFiniteGuard(L.Callback):
         if checkpoint is not None:
             kept = (f"The last good checkpoint is kept: {checkpoint} (sample from it with 'gencli sample "
                     f"ckpt={checkpoint}', or resume with ckpt_path={checkpoint} after the fix).")
+        elif trainer.checkpoint_callback is None:
+            kept = "No checkpoint was kept: this run has no checkpoint callback."
         else:
-            kept = "No checkpoint with finite weights was written before the failure."
+            kept = ("No checkpoint had been written yet, and the model's state in memory already holds NaN/inf "
+                    "(e.g. batch-norm running statistics updated by the failing forward pass), so there is nothing "
+                    "good to keep: start again with the fix.")
         raise RuntimeFailure(
             f"training stopped at step {step} (epoch {epoch}, batch {batch}): {what}. Likely cause: {cause}. {kept}"
         )
