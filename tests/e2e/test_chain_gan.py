@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import FAST_TRAIN, describe, gencli
 
@@ -43,6 +44,9 @@ def test_train_writes_checkpoints_losses_and_diversity(trained):
     assert len(list((run_dir / "checkpoints").glob("best-*.ckpt"))) == 1  # monitored train/diversity_gap
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["steps"] == 200
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 200  # the latest step, whichever step was best
+    assert int(last["state_dict"]["g_steps"]) == 100 and int(last["state_dict"]["d_steps"]) == 100
     for key in ("train/d_loss", "train/g_loss", "train/d_real", "train/d_fake", "train/diversity"):
         assert np.isfinite(metrics["metrics"][key]), key
     assert 0 < metrics["metrics"]["train/diversity"] < 3
@@ -51,7 +55,7 @@ def test_train_writes_checkpoints_losses_and_diversity(trained):
     assert "train/d_real" in header and "train/diversity" in header
 
 
-def test_sample_grid_interpolate_truncation_and_raw_generator(trained):
+def test_sample_grid_seeded_and_raw_generator(trained):
     root, run_dir, _ = trained
     last = run_dir / "checkpoints" / "last.ckpt"
     out, result = sample(root, "grid", f"ckpt={last}", "n=12", "batch_size=5")
@@ -71,6 +75,13 @@ def test_sample_grid_interpolate_truncation_and_raw_generator(trained):
     assert not np.array_equal(images, np.load(raw / "samples.npz")["images"])
     assert json.loads((raw / "sample.json").read_text())["sampling"]["generator"] == "raw"
 
+
+def test_truncation_and_interpolation(trained):
+    root, run_dir, _ = trained
+    last = run_dir / "checkpoints" / "last.ckpt"
+    full, result = sample(root, "full", f"ckpt={last}", "n=12")
+    assert result.returncode == 0, describe(result)
+    images = np.load(full / "samples.npz")["images"]
     truncated, result = sample(root, "truncated", f"ckpt={last}", "n=12", "truncation=0.05")
     assert result.returncode == 0, describe(result)
     info = json.loads((truncated / "sample.json").read_text())["sampling"]

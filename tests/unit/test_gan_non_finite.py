@@ -9,11 +9,11 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import gencli.families.gan as gan_module
+from gencli.callbacks import ModelCheckpoint
 from gencli.callbacks.non_finite import NonFiniteGuard
 from gencli.errors import RuntimeFailure
 from gencli.io import load_checkpoint, restore_model
@@ -146,3 +146,21 @@ def test_a_checkpoint_with_nan_weights_is_never_written(tmp_path):
     with pytest.raises(RuntimeFailure, match=r"the weights hold NaN or inf values \(w\), so this checkpoint was not written"):
         trainer.save_checkpoint(last)
     assert last.read_bytes() == before
+
+
+def test_last_checkpoint_is_the_latest_step_even_when_the_monitor_stops_improving(tmp_path):
+    """Lightning 2.6 alone would leave last.ckpt at the best step (here the first epoch)."""
+
+    class Worsening(Regression):
+        def training_step(self, batch, batch_idx):
+            self.log("score", float(self.current_epoch))  # mode=min: the first epoch stays the best
+            return super().training_step(batch, batch_idx)
+
+    checkpoints = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="score", mode="min", save_last=True,
+                                  filename="best-{step}")
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[checkpoints])
+    trainer.fit(Worsening(), train_dataloaders=DataLoader(TensorDataset(torch.rand(8, 4)), batch_size=4))
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best-step=2.ckpt", "last.ckpt"]
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step == 6
+    assert Path(checkpoints.last_model_path).name == "last.ckpt"
