@@ -1,5 +1,8 @@
-"""Lightning callbacks: sample grids during training (more guards are added by later families)."""
+"""Lightning callbacks: checkpoints, sample grids, the GAN diversity monitor and the non-finite guard."""
 
+from gencli.callbacks.checkpoint import ModelCheckpoint
+from gencli.callbacks.gan_monitor import GANMonitor
+from gencli.callbacks.non_finite import NonFiniteGuard
 from gencli.callbacks.sample_grid import SampleGrid
 
-__all__ = ["SampleGrid"]
+__all__ = ["GANMonitor", "ModelCheckpoint", "NonFiniteGuard", "SampleGrid"]

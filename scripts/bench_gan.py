@@ -1,0 +1,114 @@
+"""Training throughput of the GAN family, one row per loss preset: images per second.
+
+    PYTHONPATH=src python scripts/bench_gan.py                      # CPU, 32x32x1 (MNIST-sized)
+    PYTHONPATH=src python scripts/bench_gan.py --device cuda --channels 3 --batch-size 128 \
+        --base-channels 64 --steps 200 --hardware gpu_fast           # CIFAR-sized on a GPU
+
+Each preset (model=dcgan -> bce, model=wgan_gp, model=sngan -> hinge) is built from the real configs
+and trained by a real Lightning Trainer on random images held in memory (no data loading cost),
+so the number is the cost of the training step itself: one discriminator step per batch and one
+generator step every n_critic batches (wgan_gp: 5). "images/s" counts real images consumed per
+second after ``--warmup`` batches; "G steps/s" counts generator updates.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from torch.utils.data import DataLoader, TensorDataset
+
+from gencli.config import CONF_DIR
+
+PRESETS = {"bce": "dcgan", "wgan_gp": "wgan_gp", "hinge": "sngan"}
+
+
+class Clock(L.Callback):
+    """Wall time from the end of batch ``warmup`` to the end of training, synchronising CUDA."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.start, self.stop, self.batches = warmup, None, None, 0
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.batches += 1
+        if self.batches == self.warmup:
+            self._sync(pl_module)
+            self.start = time.perf_counter()
+
+    def on_train_end(self, trainer, pl_module):
+        self._sync(pl_module)
+        self.stop = time.perf_counter()
+
+
+def build(loss: str, args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoader]:
+    overrides = [
+        f"model={PRESETS[loss]}", f"hardware={args.hardware}", f"data.image_size={args.size}",
+        f"data.channels={args.channels}", f"model.generator.base_channels={args.base_channels}",
+        f"model.discriminator.base_channels={args.base_channels}", f"model.latent_dim={args.latent_dim}",
+    ]
+    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
+        cfg = compose(config_name="train", overrides=overrides)
+    hardware = instantiate(cfg.hardware)
+    model = hardware.apply(instantiate(cfg.model))
+    n = args.batch_size * (args.steps + args.warmup)
+    images = torch.rand(n, args.channels, args.size, args.size) * 2 - 1
+    loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=args.batch_size, shuffle=False,
+                        drop_last=True, pin_memory=args.device == "cuda")
+    clock = Clock(args.warmup)
+    trainer = L.Trainer(
+        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=cfg.hardware.precision,
+        max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[clock], num_sanity_val_steps=0,
+    )
+    return model, trainer, clock, loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--hardware", default="default", help="conf/hardware option (default, cpu_fast, gpu_fast)")
+    parser.add_argument("--size", type=int, default=32)
+    parser.add_argument("--channels", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--base-channels", type=int, default=32)
+    parser.add_argument("--latent-dim", type=int, default=100)
+    parser.add_argument("--steps", type=int, default=40, help="timed batches per loss")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--losses", default="bce,wgan_gp,hinge")
+    args = parser.parse_args()
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    L.seed_everything(0, verbose=False)
+
+    import logging
+
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    rows = []
+    for loss in args.losses.split(","):
+        model, trainer, clock, loader = build(loss, args)
+        trainer.fit(model, train_dataloaders=loader)
+        seconds = clock.stop - clock.start
+        timed = clock.batches - args.warmup
+        g_steps = sum(1 for b in range(args.warmup, clock.batches) if (b + 1) % model.n_critic == 0)
+        rows.append((loss, PRESETS[loss], model.n_critic, timed * args.batch_size / seconds, g_steps / seconds,
+                     1000 * seconds / timed))
+
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    print(f"\nGAN training throughput: {args.size}x{args.size}x{args.channels}, batch {args.batch_size}, "
+          f"base_channels {args.base_channels}, hardware={args.hardware}, {device}, torch {torch.__version__}")
+    print("| loss | preset | n_critic | images/s | G steps/s | ms/batch |\n|---|---|---|---|---|---|")
+    for loss, preset, n_critic, ips, gps, ms in rows:
+        print(f"| {loss} | model={preset} | {n_critic} | {ips:.0f} | {gps:.2f} | {ms:.1f} |")
+
+
+if __name__ == "__main__":
+    main()

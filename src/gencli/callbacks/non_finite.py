@@ -1,0 +1,129 @@
+"""NonFiniteGuard: stop a run cleanly at the first NaN/inf, before it can spoil a checkpoint.
+
+Works for any family (automatic or manual optimisation). It checks
+
+- every loss, in ``on_before_backward`` (before the gradients and the optimiser step, so the
+  weights are still the last good ones);
+- every gradient, in ``on_before_optimizer_step`` (a finite loss can still give inf gradients);
+  skipped under float16 mixed precision, where the grad scaler expects inf gradients and skips
+  those steps itself;
+- every checkpoint's weights, in ``on_save_checkpoint``: a state_dict holding NaN/inf is never
+  written, so ``last.ckpt`` cannot be overwritten with spoiled weights (Lightning runs this hook
+  before the file is opened).
+
+On failure it raises :class:`~gencli.errors.RuntimeFailure` (``gencli train`` prints one paragraph
+and exits 1) naming the step, what was non-finite, the likely cause and the last good checkpoint.
+If no checkpoint had been written yet and the weights are still finite, it writes them to
+``last.ckpt`` in the checkpoint folder first (``save_if_missing``), so there is always something to
+resume from or inspect. A family can add its own likely cause with a ``non_finite_hint()`` method
+and name the loss it is backpropagating in ``current_loss_name``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from gencli.errors import RuntimeFailure
+
+log = logging.getLogger(__name__)
+
+
+def all_finite(tensors) -> bool:
+    flags = [torch.isfinite(t).all() for t in tensors if isinstance(t, Tensor) and t.is_floating_point()]
+    return bool(torch.stack(flags).all()) if flags else True
+
+
+def describe_value(t: Tensor) -> str:
+    t = t.detach()
+    if torch.isnan(t).any():
+        return "NaN"
+    return "inf" if (t > 0).any() else "-inf"
+
+
+class NonFiniteGuard(L.Callback):
+    def __init__(self, check_gradients: bool = True, save_if_missing: bool = True):
+        self.check_gradients = bool(check_gradients)
+        self.save_if_missing = bool(save_if_missing)
+        self._batch_finite = True
+        self._failing = False
+
+    # ----------------------------------------------------------------- checks
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        tensors = batch if isinstance(batch, list | tuple) else [batch]
+        self._batch_finite = all_finite(tensors)
+
+    def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        if not torch.isfinite(loss.detach()).all():
+            name = getattr(pl_module, "current_loss_name", None) or "loss"
+            self.fail(trainer, pl_module, f"the {name} is {describe_value(loss)}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not all_finite(grads):
+            name = getattr(pl_module, "current_loss_name", None) or "loss"
+            self.fail(trainer, pl_module, f"the gradient of the {name} holds NaN or inf values (the loss itself was finite)")
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        if self._failing:
+            return
+        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
+               if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:
+            self.fail(trainer, pl_module, f"the weights hold NaN or inf values ({', '.join(bad[:3])}"
+                      f"{' ...' if len(bad) > 3 else ''}), so this checkpoint was not written")
+
+    # ----------------------------------------------------------------- the stop
+    def likely_cause(self, trainer, pl_module) -> str:
+        if not self._batch_finite:
+            return ("the input batch itself holds NaN or inf values, so the data is corrupt: check the files under "
+                    "data.root (or the data module)")
+        if str(trainer.precision).startswith("16"):
+            return ("float16 overflow under hardware.precision=16-mixed: use hardware.precision=bf16-mixed "
+                    "or 32-true")
+        hint = getattr(pl_module, "non_finite_hint", None)
+        if callable(hint):
+            return hint()
+        return ("the optimisation diverged, usually a learning rate that is too high: lower model.optimizer.lr, "
+                "or clip gradients with trainer.gradient_clip_val=1.0")
+
+    def last_good_checkpoint(self, trainer, pl_module) -> Path | None:
+        callback = trainer.checkpoint_callback
+        for attr in ("last_model_path", "best_model_path"):
+            path = getattr(callback, attr, None)
+            if path and Path(path).is_file():
+                return Path(path)
+        if not self.save_if_missing or callback is None or not getattr(callback, "dirpath", None):
+            return None
+        if not all_finite(pl_module.state_dict().values()):
+            return None
+        path = Path(callback.dirpath) / "last.ckpt"
+        trainer.save_checkpoint(path)
+        log.info("no checkpoint had been written yet; saved the last finite weights to %s", path)
+        return path
+
+    def fail(self, trainer, pl_module, what: str) -> None:
+        self._failing = True
+        step, epoch = trainer.global_step, trainer.current_epoch
+        batch = trainer.fit_loop.epoch_loop.batch_idx
+        cause = self.likely_cause(trainer, pl_module)
+        checkpoint = self.last_good_checkpoint(trainer, pl_module)
+        if checkpoint is not None:
+            kept = (f"The last good checkpoint is kept: {checkpoint} (sample from it with 'gencli sample "
+                    f"ckpt={checkpoint}', or resume with ckpt_path={checkpoint} after the fix).")
+        elif trainer.checkpoint_callback is None:
+            kept = "No checkpoint was kept: this run has no checkpoint callback."
+        else:
+            kept = ("No checkpoint had been written yet, and the model's state in memory already holds NaN/inf "
+                    "(e.g. batch-norm running statistics updated by the failing forward pass), so there is nothing "
+                    "good to keep: start again with the fix.")
+        raise RuntimeFailure(
+            f"training stopped at step {step} (epoch {epoch}, batch {batch}): {what}. Likely cause: {cause}. {kept}"
+        )

@@ -1,0 +1,138 @@
+"""DCGAN-style generator and discriminator (Radford et al. 2016) for any power-of-two size 8..64.
+
+Generator: z (N, latent_dim) -> a 4x4 map by a 4x4 transposed convolution, then one stride-2
+transposed convolution per doubling up to ``image_size``; the last one outputs the image channels
+through tanh, so images are in [-1, 1]. Channels halve at each doubling, from
+``base_channels * 2**(stages-1)`` (capped at ``max_channels``) at 4x4 down to ``base_channels``.
+
+Discriminator: the mirror image. One stride-2 convolution per halving down to 4x4 (LeakyReLU 0.2,
+no normalisation on the first layer as in the paper), then a 4x4 valid convolution to one raw
+score per image (a logit for the BCE loss, a critic value for WGAN-GP, a margin for hinge).
+
+Options the GAN configs use:
+- ``norm``: batch (DCGAN), layer (WGAN-GP: the gradient penalty is per sample, which batch
+  statistics would mix; layer norm is GroupNorm with one group over C, H, W) or none;
+- ``spectral_norm`` on the discriminator (Miyato et al. 2018, the SNGAN recipe), applied with
+  ``torch.nn.utils.parametrizations.spectral_norm`` so the weights stay plain tensors in the
+  state_dict and checkpoints load with ``weights_only=True``;
+- ``init_std``: the DCGAN paper's N(0, init_std) initialisation of conv weights (BN scales
+  N(1, init_std), biases 0); null keeps PyTorch's default initialisation.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm as apply_spectral_norm
+
+from gencli.errors import ConfigError
+from gencli.nets.conv import check_image_size
+
+NORMS = ("batch", "layer", "none")
+
+
+def gan_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "layer":
+        return nn.GroupNorm(1, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError(f"norm={kind!r} is not a normalisation the DCGAN nets know; use one of {', '.join(NORMS)}.")
+
+
+def dcgan_channels(n_stages: int, base_channels: int, max_channels: int) -> list[int]:
+    """Channels from the 4x4 map outwards: [base*2**(n-1), ..., base*2, base], each capped."""
+    if base_channels < 1 or max_channels < 1:
+        raise ConfigError(f"base_channels={base_channels} and max_channels={max_channels} must be positive.")
+    return [min(base_channels * 2 ** (n_stages - 1 - i), max_channels) for i in range(n_stages)]
+
+
+def init_weights(module: nn.Module, std: float | None) -> None:
+    """The DCGAN paper's initialisation: conv weights N(0, std), norm scales N(1, std), biases 0."""
+    if std is None:
+        return
+    if std <= 0:
+        raise ConfigError(f"init_std={std} must be > 0, or null for PyTorch's default initialisation.")
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d | nn.Linear):
+            nn.init.normal_(m.weight, 0.0, std)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d | nn.GroupNorm) and m.weight is not None:
+            nn.init.normal_(m.weight, 1.0, std)
+            nn.init.zeros_(m.bias)
+
+
+class DCGANGenerator(nn.Module):
+    """Latent (N, latent_dim) -> image (N, out_channels, image_size, image_size) in [-1, 1]."""
+
+    def __init__(
+        self,
+        latent_dim: int,
+        out_channels: int,
+        image_size: int,
+        base_channels: int = 64,
+        max_channels: int = 512,
+        norm: str = "batch",
+        init_std: float | None = 0.02,
+    ):
+        super().__init__()
+        if latent_dim < 1 or out_channels < 1:
+            raise ConfigError(f"latent_dim={latent_dim} and out_channels={out_channels} must be positive.")
+        n_stages = check_image_size(image_size)
+        channels = dcgan_channels(n_stages, base_channels, max_channels)
+        self.latent_dim = int(latent_dim)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(latent_dim, channels[0], 4, stride=1, padding=0, bias=norm == "none"),
+            gan_norm(norm, channels[0]),
+            nn.ReLU(inplace=True),
+        ]
+        for prev, ch in zip(channels[:-1], channels[1:]):
+            layers += [nn.ConvTranspose2d(prev, ch, 4, stride=2, padding=1, bias=norm == "none"),
+                       gan_norm(norm, ch), nn.ReLU(inplace=True)]
+        layers += [nn.ConvTranspose2d(channels[-1], out_channels, 4, stride=2, padding=1), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+        init_weights(self, init_std)
+
+    def forward(self, z: Tensor) -> Tensor:
+        return self.net(z.view(len(z), self.latent_dim, 1, 1))
+
+
+class DCGANDiscriminator(nn.Module):
+    """Image (N, in_channels, image_size, image_size) -> one raw score per image, shape (N,)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        image_size: int,
+        base_channels: int = 64,
+        max_channels: int = 512,
+        norm: str = "batch",
+        spectral_norm: bool = False,
+        leaky_slope: float = 0.2,
+        init_std: float | None = 0.02,
+    ):
+        super().__init__()
+        if in_channels < 1:
+            raise ConfigError(f"in_channels={in_channels} must be positive.")
+        n_stages = check_image_size(image_size)
+        channels = dcgan_channels(n_stages, base_channels, max_channels)[::-1]  # base ... widest
+        self.norm = norm
+        self.spectral_norm = bool(spectral_norm)
+        gan_norm(norm, 1)  # reject an unknown norm before building anything
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for i, ch in enumerate(channels):
+            layers += [nn.Conv2d(prev, ch, 4, stride=2, padding=1, bias=i == 0 or norm == "none"),
+                       gan_norm(norm if i > 0 else "none", ch), nn.LeakyReLU(leaky_slope, inplace=True)]
+            prev = ch
+        layers.append(nn.Conv2d(prev, 1, 4, stride=1, padding=0))
+        self.net = nn.Sequential(*layers)
+        init_weights(self, init_std)
+        if self.spectral_norm:
+            for m in self.net:
+                if isinstance(m, nn.Conv2d):
+                    apply_spectral_norm(m)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x).flatten()
