@@ -141,10 +141,17 @@ class FeatureExtractor:
         return {**self.identity(), "feature_dim": self.feature_dim, "comparable_with_papers": self.comparable_with_papers}
 
 
-def check_input(images: Tensor, shape: tuple[int, ...], name: str) -> None:
+def check_input(images: Tensor, shape: tuple[int, ...], name: str) -> Tensor:
+    """``images`` as float32 with standard NCHW strides.
+
+    The same pixels must give the same features whatever their memory layout: a 1-channel batch made
+    from NHWC files has channels-last strides, and convolutions pick other kernels (other rounding)
+    for it, so every batch is copied into the standard layout first.
+    """
     if tuple(images.shape[1:]) != tuple(shape):
         raise ConfigError(f"features={name} was prepared for images of shape {tuple(shape)} but got "
                           f"{tuple(images.shape[1:])}.")
+    return images.float().clone(memory_format=torch.contiguous_format)
 
 
 # ----------------------------------------------------------------------------- inception
@@ -193,7 +200,7 @@ class InceptionFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        check_input(images, self.image_shape, self.name)
+        images = check_input(images, self.image_shape, self.name)
         feats, logits = [], []
         for chunk in images.split(self.batch_size):
             x = ((chunk.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # [-1, 1] -> 0..255
@@ -315,10 +322,10 @@ class DomainFeatures(FeatureExtractor):
 
     @torch.no_grad()
     def extract(self, images: Tensor) -> tuple[Tensor, Tensor | None]:
-        check_input(images, self.image_shape, self.name)
+        images = check_input(images, self.image_shape, self.name)
         feats, logits = [], []
         for chunk in images.split(self.eval_batch_size):
-            f = self.module.net.features(chunk.float().to(self.device))
+            f = self.module.net.features(chunk.to(self.device))
             feats.append(f.float().cpu())
             logits.append(self.module.net.head(f).float().cpu())
         return torch.cat(feats), torch.cat(logits)

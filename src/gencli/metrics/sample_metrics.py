@@ -172,8 +172,10 @@ class ISMetric(SampleMetric):
         self.metric.update(logits.double())
 
     def finish(self) -> dict[str, float]:
-        mean, std = self.metric.compute()
-        return {"is": float(mean), "is_std": float(std)}
+        with warnings.catch_warnings():  # one split has no std: it is left out rather than written as NaN
+            warnings.simplefilter("ignore", UserWarning)
+            mean, std = self.metric.compute()
+        return {"is": float(mean), **({"is_std": float(std)} if self.used_splits > 1 else {})}
 
     def settings(self) -> dict[str, Any]:
         return {"implementation": "torchmetrics InceptionScore on the extractor's logits", "splits": self.used_splits}

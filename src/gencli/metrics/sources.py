@@ -168,7 +168,7 @@ class FileSource(ImageSource):
             if self.files is not None:  # one file at a time: every file is checked (sizes, channels)
                 batch = np.concatenate([self.fit_channels(self.decode(p)[None]) for p in self.files[start : start + b]])
             else:
-                batch = self.fit_channels(np.ascontiguousarray(self.array[start : start + b]))
+                batch = self.fit_channels(np.array(self.array[start : start + b]))  # a copy: .npy files are memory-mapped read-only
             start += b
             yield from_uint8(batch), batch
 
