@@ -136,7 +136,8 @@ def test_sample_quality_during_training_is_the_monitor_and_the_optimized_metric(
     run_dir = tmp_path / "train_run"
     result = gencli("train", *family, *FAST_TRAIN, "callbacks.sample_quality.every_n_epochs=1",
                     "callbacks.sample_quality.n=100", "model.monitor=val/fid_domain", "model.monitor_mode=min",
-                    f"hydra.run.dir={run_dir}", cwd=tmp_path)
+                    f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                    env={"GENCLI_CACHE": str(tmp_path / "cache")})  # first use: the classifier trains mid-run
     assert result.returncode == 0, describe(result)
     report = json.loads((run_dir / "metrics.json").read_text())
     assert report["optimized_metric"] == "val/fid_domain"

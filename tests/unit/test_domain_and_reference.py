@@ -142,3 +142,15 @@ def test_domain_classifier_reaches_97_percent_on_real_mnist(shared_mnist, tmp_pa
     features.prepare(datamodule, CPU)
     assert features.info["held_out"]["n"] == 1000 and features.info["trained_on"]["n"] == 9000
     assert features.info["held_out_accuracy"] >= 0.97, features.info
+
+
+def test_the_classifier_trains_inside_inference_mode_without_touching_the_callers_rng(tmp_path):
+    """What the SampleQuality callback does on first use: train inside Lightning's validation loop."""
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    with torch.inference_mode():
+        features = DomainFeatures(cache_dir=str(tmp_path), epochs=1)
+        features.prepare(DigitsDataModule(seed=0, max_images=300), CPU)
+    assert features.info["cache"] == "trained now"
+    torch.testing.assert_close(torch.rand(3), expected)  # fork_rng: the training run's RNG is untouched

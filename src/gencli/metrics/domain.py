@@ -89,7 +89,8 @@ def train_classifier(
         raise ConfigError(f"features.epochs={epochs} and features.batch_size={batch_size} must be positive.")
     batch_size = min(batch_size, len(images))
     steps = len(images) // batch_size
-    with torch.random.fork_rng(devices=[]):
+    # A callback may call this inside Lightning's validation loop, i.e. under inference mode: leave it.
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         generator = torch.Generator().manual_seed(seed)
         module = Classifier(ClassifierNet(**net_args), image_shape=tuple(images.shape[1:]), shift=shift).to(device)
@@ -99,24 +100,27 @@ def train_classifier(
         schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=epochs * steps, pct_start=0.15)
         module.train()
         batches = track_batches(epochs * steps * batch_size, batch_size, f"domain classifier: {epochs} epochs")
-        for epoch in range(epochs):
-            order = torch.randperm(len(images), generator=generator)
-            for i in range(steps):
-                next(batches)
-                idx = order[i * batch_size : (i + 1) * batch_size]
-                x = to_float(images[idx])
-                if flip:
-                    flips = torch.rand(len(x), generator=generator) < 0.5
-                    x = torch.where(flips[:, None, None, None], x.flip(-1), x)
-                loss, _ = module.loss(x.to(device), labels[idx].to(device), generator=generator)
-                if not math.isfinite(float(loss.detach())):
-                    raise RuntimeFailure(f"training the domain classifier diverged at epoch {epoch} (loss {float(loss.detach())}); "
-                                         "lower features.lr.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-        next(batches, None)  # close the progress bar
+        try:
+            for epoch in range(epochs):
+                order = torch.randperm(len(images), generator=generator)
+                for i in range(steps):
+                    next(batches)
+                    idx = order[i * batch_size : (i + 1) * batch_size]
+                    x = to_float(images[idx])
+                    if flip:
+                        flips = torch.rand(len(x), generator=generator) < 0.5
+                        x = torch.where(flips[:, None, None, None], x.flip(-1), x)
+                    loss, _ = module.loss(x.to(device), labels[idx].to(device), generator=generator)
+                    if not math.isfinite(float(loss.detach())):
+                        raise RuntimeFailure(f"training the domain classifier diverged at epoch {epoch} (loss "
+                                             f"{float(loss.detach())}); lower features.lr.")
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+            next(batches, None)  # the last advance
+        finally:
+            batches.close()  # the progress bar ends even when training fails
         acc = accuracy(module, *val, device=device)
     module.eval()
     return module, acc

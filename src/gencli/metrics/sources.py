@@ -18,6 +18,7 @@ grayscale reference; both are recorded. Colour images against a grayscale refere
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ from torch import Tensor
 from gencli.errors import ConfigError
 from gencli.io import from_uint8, to_uint8
 from gencli.progress import batch_sizes
+
+log = logging.getLogger(__name__)
 
 
 def quantise(images: Tensor) -> tuple[Tensor, np.ndarray]:
@@ -96,6 +99,8 @@ class FileSource(ImageSource):
         self.n = available if n <= 0 else min(int(n), available)
         if self.n < 2:
             raise ConfigError(f"samples={path} holds {available} image(s); sample-based metrics need at least 2.")
+        if self.n < available:
+            log.warning("samples=%s holds %d images; using the first n=%d (n=0 uses all)", path, available, self.n)
 
     def load_array(self) -> np.ndarray:
         suffix = self.path.suffix.lower()
