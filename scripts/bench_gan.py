@@ -14,38 +14,15 @@ second after ``--warmup`` batches; "G steps/s" counts generator updates.
 from __future__ import annotations
 
 import argparse
-import time
 
 import lightning as L
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader, TensorDataset
 
-from gencli.config import CONF_DIR
+from benchlib import Clock, bench_trainer, compose_train, device_name
 
 PRESETS = {"bce": "dcgan", "wgan_gp": "wgan_gp", "hinge": "sngan"}
-
-
-class Clock(L.Callback):
-    """Wall time from the end of batch ``warmup`` to the end of training, synchronising CUDA."""
-
-    def __init__(self, warmup: int):
-        self.warmup, self.start, self.stop, self.batches = warmup, None, None, 0
-
-    def _sync(self, pl_module):
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.batches += 1
-        if self.batches == self.warmup:
-            self._sync(pl_module)
-            self.start = time.perf_counter()
-
-    def on_train_end(self, trainer, pl_module):
-        self._sync(pl_module)
-        self.stop = time.perf_counter()
 
 
 def build(loss: str, args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoader]:
@@ -54,8 +31,7 @@ def build(loss: str, args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoa
         f"data.channels={args.channels}", f"model.generator.base_channels={args.base_channels}",
         f"model.discriminator.base_channels={args.base_channels}", f"model.latent_dim={args.latent_dim}",
     ]
-    with initialize_config_dir(version_base="1.3", config_dir=CONF_DIR):
-        cfg = compose(config_name="train", overrides=overrides)
+    cfg = compose_train(overrides)
     hardware = instantiate(cfg.hardware)
     model = hardware.apply(instantiate(cfg.model))
     n = args.batch_size * (args.steps + args.warmup)
@@ -63,11 +39,7 @@ def build(loss: str, args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoa
     loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=args.batch_size, shuffle=False,
                         drop_last=True, pin_memory=args.device == "cuda")
     clock = Clock(args.warmup)
-    trainer = L.Trainer(
-        accelerator="gpu" if args.device == "cuda" else "cpu", devices=1, precision=cfg.hardware.precision,
-        max_steps=-1, max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-        enable_model_summary=False, callbacks=[clock], num_sanity_val_steps=0,
-    )
+    trainer = bench_trainer(args.device, cfg.hardware.precision, clock)
     return model, trainer, clock, loader
 
 
@@ -102,7 +74,7 @@ def main() -> None:
         rows.append((loss, PRESETS[loss], model.n_critic, timed * args.batch_size / seconds, g_steps / seconds,
                      1000 * seconds / timed))
 
-    device = torch.cuda.get_device_name() if args.device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    device = device_name(args.device)
     print(f"\nGAN training throughput: {args.size}x{args.size}x{args.channels}, batch {args.batch_size}, "
           f"base_channels {args.base_channels}, hardware={args.hardware}, {device}, torch {torch.__version__}")
     print("| loss | preset | n_critic | images/s | G steps/s | ms/batch |\n|---|---|---|---|---|---|")

@@ -6,14 +6,15 @@ import sys
 
 from gencli.errors import GencliError
 
+# verb -> (job module, its primary config in conf/, one line of help)
 VERBS = {
-    "train": ("gencli.jobs.train", "train a model: gencli train model=vae data=digits trainer=cpu"),
-    "sample": ("gencli.jobs.sample", "images from a checkpoint: gencli sample ckpt=PATH n=64 [mode=interpolate]"),
-    "eval": ("gencli.jobs.evaluate", "metrics for a checkpoint: gencli eval ckpt=PATH [metric=recon]"),
+    "train": ("gencli.jobs.train", "train", "train a model: gencli train model=vae data=digits trainer=cpu"),
+    "sample": ("gencli.jobs.sample", "sample", "images from a checkpoint: gencli sample ckpt=PATH n=64 [mode=interpolate]"),
+    "eval": ("gencli.jobs.evaluate", "eval", "metrics for a checkpoint: gencli eval ckpt=PATH [metric=recon]"),
 }
 
 USAGE = "usage: gencli {train,sample,eval} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(
-    f"  {verb:<7} {text}" for verb, (_, text) in VERBS.items()
+    f"  {verb:<7} {text}" for verb, (_, _, text) in VERBS.items()
 ) + "\n\n'gencli VERB --help' lists that verb's config groups and options."
 
 
@@ -34,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     from gencli.config import check_group_overrides
 
     try:
-        check_group_overrides(overrides)
+        check_group_overrides(overrides, config_name=VERBS[verb][1])
     except GencliError as err:
         print(f"gencli error: {err.message}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -25,17 +25,43 @@ CONF_DIR = str(config_dir())
 
 
 def group_options(group: str) -> list[str]:
+    """The options of ``group`` (``model``, or a nested group such as ``model/net``): its YAML files."""
     folder = config_dir() / group
-    return sorted(p.relative_to(folder).with_suffix("").as_posix() for p in folder.rglob("*.yaml"))
+    return sorted(p.stem for p in folder.glob("*.yaml"))
 
 
 def config_groups() -> list[str]:
-    return sorted(p.name for p in config_dir().iterdir() if p.is_dir() and p.name != "hydra")
+    """Every config group, nested ones (``model/net``) included; not Hydra's own settings."""
+    root = config_dir()
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                  if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
 
 
-def check_group_overrides(overrides: list[str]) -> None:
-    """Raise ConfigError for ``group=option`` overrides that name no config file."""
+def optional_groups(config_name: str) -> set[str]:
+    """Groups that the primary config ``conf/<config_name>.yaml`` leaves unselected (``- sampler: null``)."""
+    import yaml
+
+    path = config_dir() / f"{config_name}.yaml"
+    if not path.is_file():
+        return set()
+    defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
+    return {key.replace("optional ", "").strip() for entry in defaults if isinstance(entry, dict)
+            for key, value in entry.items() if value is None}
+
+
+def check_group_overrides(overrides: list[str], config_name: str | None = None) -> None:
+    """Raise ConfigError for ``group=option`` overrides that name no config file, and for settings
+    inside a group (``sampler.steps=20``) that ``config_name`` leaves unselected unless it is chosen too."""
     groups = set(config_groups())
+    chosen = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides if "=" in arg and not arg.startswith("-")}
+    for key in sorted(optional_groups(config_name) if config_name else ()):
+        inner = next((arg for arg in overrides if arg.lstrip("+~").startswith(f"{key}.")), None)
+        if inner is not None and key not in chosen:
+            options = group_options(key)
+            raise ConfigError(
+                f"{inner.split('=', 1)[0]} sets an option of the {key} group, but no {key} is chosen: add {key}=<option> "
+                f"before it ({', '.join(options)}), e.g. {key}={options[0] if options else '...'} {inner}."
+            )
     for arg in overrides:
         if arg.startswith("-") or "=" not in arg:
             continue

@@ -30,7 +30,6 @@ samples. It is deterministic, so the same latents give the same images in ``mode
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Callable
 from typing import Any
@@ -41,6 +40,7 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
+from gencli.families.ema import check_decay, ema_copy, ema_update
 
 LOSSES = ("bce", "wgan_gp", "hinge")
 
@@ -140,8 +140,6 @@ class GAN(GenerativeModel):
             raise ConfigError(f"model.n_critic={n_critic} must be an integer >= 1 (discriminator steps per generator step).")
         if gp_lambda < 0:
             raise ConfigError(f"model.gp_lambda={gp_lambda} must be >= 0 (WGAN-GP uses 10).")
-        if ema_decay is not None and not 0 <= ema_decay < 1:
-            raise ConfigError(f"model.ema_decay={ema_decay} must be in [0, 1) (e.g. 0.999), or null to keep no EMA generator.")
         if loss == "wgan_gp" and getattr(discriminator, "norm", None) == "batch":
             raise ConfigError(
                 "model.loss=wgan_gp with model.discriminator.norm=batch: the gradient penalty is taken per image, "
@@ -158,12 +156,12 @@ class GAN(GenerativeModel):
         self.loss = loss
         self.n_critic = int(n_critic)
         self.gp_lambda = float(gp_lambda)
-        self.ema_decay = None if not ema_decay else float(ema_decay)
+        self.ema_decay = check_decay(ema_decay)
         self.g_optimizer_factory = g_optimizer
         self.d_optimizer_factory = d_optimizer
         self.generator_ema: nn.Module | None = None
         if self.ema_decay is not None:
-            self.generator_ema = copy.deepcopy(generator).requires_grad_(False)
+            self.generator_ema = ema_copy(generator)
         self.register_buffer("d_steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("g_steps", torch.zeros((), dtype=torch.long))
         #: Which loss the next manual_backward is for (the NonFiniteGuard names it in its message).
@@ -310,17 +308,9 @@ class GAN(GenerativeModel):
         # For the GANMonitor callback (Lightning hands this dict to on_train_batch_end).
         return {"d_acc": logs["train/d_acc"], "d_confident": confident}
 
-    @torch.no_grad()
     def update_ema(self) -> None:
-        if self.generator_ema is None:
-            return
-        k = int(self.g_steps)
-        decay = min(self.ema_decay, (1 + k) / (10 + k))
-        ema_params = list(self.generator_ema.parameters())
-        params = [p.detach() for p in self.generator.parameters()]
-        torch._foreach_lerp_(ema_params, params, 1.0 - decay)
-        for b_ema, b in zip(self.generator_ema.buffers(), self.generator.buffers()):
-            b_ema.copy_(b)
+        if self.generator_ema is not None:
+            ema_update(self.generator_ema, self.generator, self.ema_decay, int(self.g_steps))
 
     def non_finite_hint(self) -> str:
         """Family-specific likely cause, for the NonFiniteGuard's message."""

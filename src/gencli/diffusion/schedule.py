@@ -1,0 +1,160 @@
+"""NoiseSchedule: the forward process q(x_t | x_0) of a diffusion model, apart from any network.
+
+As in diffusers' scheduler/model split, the network only maps (x_t, t) to a prediction; everything
+about noise levels lives here. All tables are computed in float64 once (the cumulative product
+alpha_bar_t loses precision in float32 at small t), kept on the CPU, and cast to the input's dtype
+and device only when gathered at a batch of timesteps.
+
+Notation (Ho et al. 2020): beta_t, alpha_t = 1 - beta_t, alpha_bar_t = prod_{s<=t} alpha_s, with
+timesteps indexed 0..T-1 (the paper's t = 1..T).
+
+- ``q_sample``:          x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps
+- ``posterior``:         q(x_{t-1} | x_t, x_0) = N(mean, beta_tilde_t), beta_tilde_t = beta_t (1 - alpha_bar_{t-1}) / (1 - alpha_bar_t)
+- prediction targets:    eps, x0, and v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) x_0 (Salimans & Ho 2022)
+
+Schedules: ``linear`` (beta from ``beta_start`` to ``beta_end``, DDPM) and ``cosine``
+(alpha_bar_t = cos^2(((t/T + s) / (1 + s)) pi/2), Nichol & Dhariwal 2021, betas clipped at 0.999).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from gencli.errors import ConfigError
+
+KINDS = ("linear", "cosine")
+PREDICTIONS = ("eps", "v", "x0")
+
+
+def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> Tensor:
+    return torch.linspace(beta_start, beta_end, timesteps, dtype=torch.float64)
+
+
+def cosine_betas(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> Tensor:
+    steps = torch.arange(timesteps + 1, dtype=torch.float64) / timesteps
+    alpha_bar = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+    return (1 - alpha_bar[1:] / alpha_bar[:-1]).clamp(max=max_beta)
+
+
+class NoiseSchedule:
+    """Precomputed float64 tables of a discrete-time Gaussian diffusion with ``timesteps`` steps."""
+
+    def __init__(
+        self,
+        kind: str = "linear",
+        timesteps: int = 1000,
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        cosine_s: float = 0.008,
+    ):
+        if kind not in KINDS:
+            raise ConfigError(f"model.schedule.kind={kind!r} is not a noise schedule; use linear or cosine.")
+        if int(timesteps) < 2:
+            raise ConfigError(f"model.schedule.timesteps={timesteps} must be an integer >= 2 (DDPM uses 1000).")
+        if kind == "linear" and not 0 < beta_start < beta_end < 1:
+            raise ConfigError(f"model.schedule beta_start={beta_start}, beta_end={beta_end}: need 0 < beta_start < "
+                              "beta_end < 1 (DDPM: 1e-4 and 0.02).")
+        self.kind = kind
+        self.timesteps = int(timesteps)
+        self.beta_start, self.beta_end, self.cosine_s = float(beta_start), float(beta_end), float(cosine_s)
+        betas = (linear_betas(self.timesteps, self.beta_start, self.beta_end) if kind == "linear"
+                 else cosine_betas(self.timesteps, self.cosine_s))
+        self.betas = betas
+        self.alphas = 1.0 - betas
+        self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
+        self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
+        # beta_tilde: the variance of the true posterior q(x_{t-1} | x_t, x_0); 0 at t = 0.
+        self.posterior_variance = betas * (1 - self.alphas_cumprod_prev) / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_x0 = betas * self.alphas_cumprod_prev.sqrt() / (1 - self.alphas_cumprod)
+        self.posterior_mean_coef_xt = (1 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1 - self.alphas_cumprod)
+        self._device_cache: dict[tuple, Tensor] = {}
+
+    def describe(self) -> dict:
+        out = {"kind": self.kind, "timesteps": self.timesteps}
+        if self.kind == "linear":
+            out.update(beta_start=self.beta_start, beta_end=self.beta_end)
+        else:
+            out.update(cosine_s=self.cosine_s)
+        return out
+
+    def __repr__(self) -> str:
+        return f"NoiseSchedule({', '.join(f'{k}={v}' for k, v in self.describe().items())})"
+
+    # ----------------------------------------------------------------- gathering
+    def at(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
+        """``table[t]`` shaped to broadcast over ``like`` (N, ...), in ``like``'s dtype and device."""
+        key = (id(table), like.device, like.dtype)
+        cached = self._device_cache.get(key)
+        if cached is None:
+            cached = self._device_cache[key] = table.to(device=like.device, dtype=like.dtype)
+        return cached[t.to(like.device).long()].reshape(-1, *([1] * (like.ndim - 1)))
+
+    def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
+                         generator: torch.Generator | None = None) -> Tensor:
+        """Uniform t in {0, ..., T-1} (the simple loss of Ho et al. samples t uniformly)."""
+        gen_device = generator.device if generator is not None else device
+        return torch.randint(0, self.timesteps, (n,), generator=generator, device=gen_device).to(device)
+
+    # ----------------------------------------------------------------- the forward process
+    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
+        """Draw x_t ~ q(x_t | x_0) with the given standard-normal ``noise``."""
+        return self.at(self.sqrt_alphas_cumprod, t, x0) * x0 + self.at(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def posterior(self, x0: Tensor, xt: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        """Mean and variance (beta_tilde_t) of q(x_{t-1} | x_t, x_0)."""
+        mean = self.at(self.posterior_mean_coef_x0, t, xt) * x0 + self.at(self.posterior_mean_coef_xt, t, xt) * xt
+        return mean, self.at(self.posterior_variance, t, xt)
+
+    # ----------------------------------------------------------------- eps <-> x0 <-> v
+    def x0_from_eps(self, xt: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+        return (xt - self.at(self.sqrt_one_minus_alphas_cumprod, t, xt) * eps) / self.at(self.sqrt_alphas_cumprod, t, xt)
+
+    def eps_from_x0(self, xt: Tensor, t: Tensor, x0: Tensor) -> Tensor:
+        return (xt - self.at(self.sqrt_alphas_cumprod, t, xt) * x0) / self.at(self.sqrt_one_minus_alphas_cumprod, t, xt)
+
+    def v_from(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        return self.at(self.sqrt_alphas_cumprod, t, x0) * eps - self.at(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+
+    def x0_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return self.at(self.sqrt_alphas_cumprod, t, xt) * xt - self.at(self.sqrt_one_minus_alphas_cumprod, t, xt) * v
+
+    def eps_from_v(self, xt: Tensor, t: Tensor, v: Tensor) -> Tensor:
+        return self.at(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + self.at(self.sqrt_alphas_cumprod, t, xt) * v
+
+    def target(self, prediction: str, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the network is trained to output for ``prediction`` = eps | v | x0."""
+        if prediction == "eps":
+            return eps
+        if prediction == "x0":
+            return x0
+        if prediction == "v":
+            return self.v_from(x0, eps, t)
+        raise ConfigError(f"model.prediction={prediction!r} is not known; use one of {', '.join(PREDICTIONS)}.")
+
+    def split_prediction(self, prediction: str, output: Tensor, xt: Tensor, t: Tensor,
+                         clip_x0: bool = False) -> tuple[Tensor, Tensor]:
+        """Network output -> (x0_hat, eps_hat), whatever it was trained to predict.
+
+        With ``clip_x0`` the x0 estimate is clipped to the data range [-1, 1] and eps recomputed from
+        it, as the DDPM reference sampler does (it keeps early, noisy estimates from leaving the range).
+        """
+        if prediction == "eps":
+            eps = output
+            x0 = self.x0_from_eps(xt, t, eps)
+        elif prediction == "x0":
+            x0 = output
+            eps = self.eps_from_x0(xt, t, x0)
+        elif prediction == "v":
+            x0 = self.x0_from_v(xt, t, output)
+            eps = self.eps_from_v(xt, t, output)
+        else:
+            raise ConfigError(f"model.prediction={prediction!r} is not known; use one of {', '.join(PREDICTIONS)}.")
+        if clip_x0:
+            x0 = x0.clamp(-1, 1)
+            eps = self.eps_from_x0(xt, t, x0)
+        return x0, eps

@@ -1,0 +1,341 @@
+"""Denoising diffusion (Ho et al. 2020), in pixel space (:class:`Diffusion`) or in the latent space of a
+trained autoencoder (:class:`LatentDiffusion`, Rombach et al. 2022).
+
+Training is DDPM's "simple" objective: t ~ U{0..T-1}, eps ~ N(0, I), x_t = q_sample(x_0, t, eps), and
+the MSE between the network's output and its target (``prediction``: eps as in DDPM, v as in
+Salimans & Ho 2022, or x0). The noise schedule (``gencli.diffusion.schedule``) and the sampler
+(``gencli.diffusion.samplers``) are separate objects: the network never sees them, and the sampler
+is chosen at sample time (``gencli sample ckpt=... sampler=ddim sampler.steps=50``); the one in the
+model config is only the default.
+
+An exponential moving average of the network (``ema_decay``, DDPM: 0.9999, warmed up) is what
+sampling uses by default (``use_ema=false`` for the raw weights); ``val/loss`` is measured with the
+same weights sampling uses (``val/loss_raw`` with the raw ones). Gradients are clipped to norm
+``grad_clip`` (DDPM: 1) unless ``trainer.gradient_clip_val`` says otherwise; the learning-rate
+warm-up is the scheduler in the model config (``gencli.optim.LinearWarmup``).
+
+The family's "latent" for ``mode=interpolate`` is x_T: :meth:`decode` maps it to an image with a
+deterministic sampler (DDIM, eta = 0), so slerping x_T interpolates images.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from gencli.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler
+from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
+from gencli.errors import ConfigError
+from gencli.families.base import GenerativeModel
+from gencli.families.ema import check_decay, ema_copy, ema_update
+
+#: Validation losses are also reported per quarter of the timestep range (t in [0, T/4), ...).
+T_BUCKETS = 4
+
+
+@contextlib.contextmanager
+def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
+    """Run ``net`` without dropout, whatever mode Lightning left it in."""
+    was_training = net.training
+    net.eval()
+    try:
+        yield net
+    finally:
+        net.train(was_training)
+
+
+class Diffusion(GenerativeModel):
+    has_latent = True  # x_T, decoded deterministically by DDIM (eta = 0)
+    supported_sample_options = ("use_ema", "sampler")
+    #: x0 estimates are clipped to the data range [-1, 1] when a sampler asks (pixel space only).
+    clip_range = True
+
+    def __init__(
+        self,
+        net: nn.Module,
+        image_shape: tuple[int, int, int],
+        schedule: NoiseSchedule | None = None,
+        sampler: Sampler | None = None,
+        prediction: str = "eps",
+        ema_decay: float | None = 0.9999,
+        grad_clip: float | None = 1.0,
+        monitor: str = "val/loss",
+        monitor_mode: str = "min",
+        x_shape: tuple[int, ...] | None = None,
+        **base: Any,
+    ):
+        super().__init__(image_shape=image_shape, monitor=monitor, monitor_mode=monitor_mode, **base)
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "optimizer", "scheduler", "x_shape"])
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"model.prediction={prediction!r} is not known; use eps (DDPM), v or x0.")
+        if grad_clip is not None and grad_clip <= 0:
+            raise ConfigError(f"model.grad_clip={grad_clip} must be > 0 (DDPM clips to norm 1), or null for no clipping.")
+        self.net = net
+        self.schedule = schedule or NoiseSchedule()
+        self.default_sampler = sampler or DDPMSampler()
+        self.prediction = prediction
+        self.ema_decay = check_decay(ema_decay)
+        self.net_ema = ema_copy(net) if self.ema_decay is not None else None
+        self.grad_clip = grad_clip
+        #: The shape the diffusion runs on: the image itself here, the first stage's latent for LDM.
+        self.x_shape = tuple(x_shape or self.image_shape)
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self._ema_step = -1
+        self.current_loss_name = "diffusion loss"
+        self._check_net()
+
+    def _check_net(self) -> None:
+        x = torch.zeros(2, *self.x_shape)
+        fix = ("a denoiser must keep its input's shape: leave model.net.in_channels and model.net.image_size at "
+               "their ${data.channels} / ${data.image_size} defaults.")
+        try:
+            with torch.no_grad(), eval_mode(self.net):
+                out = self.net(x, torch.zeros(2, dtype=torch.long))
+        except RuntimeError as err:
+            raise ConfigError(f"model.net cannot take inputs of shape {tuple(x.shape[1:])} "
+                              f"({str(err).splitlines()[0][:160]}); {fix}") from err
+        if tuple(out.shape) != tuple(x.shape):
+            raise ConfigError(f"model.net maps inputs of shape {tuple(x.shape[1:])} to {tuple(out.shape[1:])}; {fix}")
+
+    # ----------------------------------------------------------------- where the diffusion runs
+    def to_x(self, images: Tensor) -> Tensor:
+        """Images in [-1, 1] -> what the diffusion models (the images themselves here)."""
+        return images
+
+    def to_image(self, x: Tensor) -> Tensor:
+        """A sample of x_0 -> an image in [-1, 1]."""
+        return x.clamp(-1, 1)
+
+    # ----------------------------------------------------------------- the denoiser
+    def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
+        if use_ema is None:
+            use_ema = self.net_ema is not None
+        if use_ema and self.net_ema is None:
+            raise ConfigError("use_ema=true, but this model keeps no EMA weights (trained with model.ema_decay=null). "
+                              "Drop use_ema= or use use_ema=false.")
+        return self.net_ema if use_ema else self.net
+
+    def denoiser(self, net: nn.Module) -> Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]:
+        """``denoise(x_t, t, clip) -> (x0_hat, eps_hat)`` for the samplers."""
+
+        def denoise(x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
+            return self.schedule.split_prediction(self.prediction, net(x, t), x, t, clip_x0=clip and self.clip_range)
+
+        return denoise
+
+    def check_sampler(self, sampler: Any) -> Sampler:
+        if sampler is None:
+            return self.default_sampler
+        if not isinstance(sampler, Sampler):
+            raise ConfigError(f"sampler={sampler!r} is not a sampler; use sampler=ddpm or sampler=ddim "
+                              "(conf/sampler/), e.g. sampler=ddim sampler.steps=50.")
+        return sampler
+
+    # ----------------------------------------------------------------- the sampling interface
+    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """x_T ~ N(0, I)."""
+        return self.randn((n, *self.x_shape), generator)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool | None = None,
+               sampler: Sampler | None = None, **options: Any) -> Tensor:
+        if options:
+            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
+        sampler = self.check_sampler(sampler)
+        x_T = self.prior(n, generator)
+        with eval_mode(self.sampling_net(use_ema)) as net:
+            x0 = sampler.sample(self.denoiser(net), self.schedule, x_T, generator)
+        return self.to_image(x0)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, use_ema: bool | None = None, sampler: Sampler | None = None, **options: Any) -> Tensor:
+        """x_T -> image with a deterministic sampler: DDIM with eta = 0 (the default sampler's steps) unless given one."""
+        if options:
+            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
+        if sampler is None:
+            default = self.default_sampler
+            sampler = default if default.deterministic else DDIMSampler(
+                steps=min(default.steps or 50, 50), eta=0.0, spacing=default.spacing)
+        sampler = self.check_sampler(sampler)
+        if not sampler.deterministic:
+            raise ConfigError(
+                f"mode=interpolate decodes x_T with a deterministic sampler, and {sampler!r} adds noise at every step. "
+                "Use sampler=ddim with sampler.eta=0 (the default for interpolation), or drop sampler=."
+            )
+        with eval_mode(self.sampling_net(use_ema)) as net:
+            return self.to_image(sampler.sample(self.denoiser(net), self.schedule, z.to(self.device)))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.net(x, t)
+
+    def sampling_info(self, use_ema: bool | None = None, sampler: Sampler | None = None, **options: Any) -> dict[str, Any]:
+        ema = self.sampling_net(use_ema) is self.net_ema
+        return {
+            "family": type(self).__name__,
+            "weights": "ema" if ema else "raw",
+            "ema_decay": self.ema_decay if ema else None,
+            "sampler": self.check_sampler(sampler).describe(),
+            "schedule": self.schedule.describe(),
+            "prediction": self.prediction,
+            "ema_updates": int(self.ema_updates),
+        }
+
+    # ----------------------------------------------------------------- training
+    def per_sample_loss(self, x0: Tensor, net: nn.Module, generator: torch.Generator | None = None
+                        ) -> tuple[Tensor, Tensor]:
+        """DDPM's simple loss per sample (mean over dimensions) and the t it was taken at."""
+        t = self.schedule.sample_timesteps(len(x0), x0.device, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device).to(x0)
+        x_t = self.schedule.q_sample(x0, t, noise)
+        target = self.schedule.target(self.prediction, x0, noise, t)
+        return (net(x_t, t) - target).pow(2).flatten(1).mean(1), t
+
+    def training_step(self, batch, batch_idx):
+        loss, _ = self.per_sample_loss(self.to_x(batch[0]), self.net)
+        loss = loss.mean()
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        # After the optimiser step; once per step even with gradient accumulation.
+        if self.net_ema is None or self.trainer.global_step == self._ema_step:
+            return
+        self._ema_step = self.trainer.global_step
+        decay = ema_update(self.net_ema, self.net, self.ema_decay, int(self.ema_updates))
+        self.ema_updates += 1
+        self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
+
+    def validation_step(self, batch, batch_idx):
+        x0 = self.to_x(batch[0])
+        nets = {"val/loss": self.sampling_net()}
+        if self.net_ema is not None:
+            nets["val/loss_raw"] = self.net
+        for name, net in nets.items():
+            # The same t and noise for every validation pass, so epochs compare like with like.
+            generator = torch.Generator().manual_seed(1_000_003 * batch_idx + 17)
+            loss, t = self.per_sample_loss(x0, net, generator)
+            self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True, batch_size=len(x0))
+            if name == "val/loss":
+                bucket = (t * T_BUCKETS) // self.schedule.timesteps
+                for b in range(T_BUCKETS):
+                    chosen = loss[bucket == b]
+                    if len(chosen):
+                        self.log(f"val/loss_t{b}", chosen.mean(), sync_dist=True, batch_size=len(chosen))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
+        if clip:
+            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+
+    def non_finite_hint(self) -> str:
+        return ("the diffusion loss diverged, usually a learning rate too high for the batch size: lower "
+                "model.optimizer.lr, lengthen the warm-up (model.scheduler.warmup_steps), or keep gradient clipping on "
+                f"(model.grad_clip, now {self.grad_clip})")
+
+
+class LatentDiffusion(Diffusion):
+    """Diffusion in the latent space of a frozen, trained ``ae``/``vae`` (``model.first_stage_ckpt``).
+
+    Latents (the encoder's mean) are multiplied by ``latent_scale`` = 1 / std of the first training
+    batch's latents, so the diffusion sees unit-variance data whatever the autoencoder's scale; the
+    factor is a buffer, so it travels in the checkpoint. Samples are decoded by the frozen first stage.
+    The first stage's weights are part of this model's state_dict and its config is written into the
+    checkpoint, so ``gencli sample`` needs only this checkpoint, not the first stage's file.
+    """
+
+    clip_range = False  # latents have no fixed range
+
+    def __init__(
+        self,
+        net: nn.Module | Callable[..., nn.Module],
+        image_shape: tuple[int, int, int],
+        first_stage_ckpt: str | None = None,
+        first_stage_config: str | None = None,
+        **kwargs: Any,
+    ):
+        first_stage, first_stage_config = self.load_first_stage(first_stage_ckpt, first_stage_config)
+        if tuple(first_stage.image_shape) != tuple(int(s) for s in image_shape):
+            raise ConfigError(
+                f"model.first_stage_ckpt={first_stage_ckpt} was trained on images of shape {tuple(first_stage.image_shape)} "
+                f"but data= gives {tuple(image_shape)}: train latent diffusion on the first stage's own data set and size "
+                f"(data.image_size={first_stage.image_shape[-1]} data.channels={first_stage.image_shape[0]})."
+            )
+        latent_shape = (int(first_stage.latent_dim),)
+        if not isinstance(net, nn.Module):
+            net = net(in_features=latent_shape[0])  # a partial: the latent size is known only now
+        super().__init__(net=net, image_shape=image_shape, x_shape=latent_shape, **kwargs)
+        self.save_hyperparameters(ignore=["net", "schedule", "sampler", "optimizer", "scheduler", "x_shape",
+                                          "first_stage_config"])
+        self.first_stage = first_stage.requires_grad_(False).eval()
+        # Lightning warns about modules in eval mode at the start of fit; here that is the point.
+        warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+        self.first_stage_config = first_stage_config
+        self.register_buffer("latent_scale", torch.zeros(()))  # 0 until estimated on the first batch
+
+    @staticmethod
+    def load_first_stage(path: str | None, config: str | None) -> tuple[GenerativeModel, str]:
+        """The first stage and its run config as JSON (a string, so Hydra does not instantiate what is inside)."""
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+
+        if config is not None:  # restoring a latent-diffusion checkpoint: the weights come with it
+            first_stage = instantiate(OmegaConf.create(json.loads(config)).model)
+            first_stage.run_config = json.loads(config)
+        elif path:
+            from gencli.io import restore_model
+
+            first_stage, checkpoint = restore_model(path)
+            config = json.dumps(checkpoint["gencli"]["config"])
+        else:
+            raise ConfigError("model=ldm needs model.first_stage_ckpt=PATH: the checkpoint of a trained autoencoder, e.g. "
+                              "from 'gencli train model=vae data=mnist' (its checkpoints/last.ckpt).")
+        if not getattr(first_stage, "has_encoder", False):
+            raise ConfigError(f"model.first_stage_ckpt={path} holds a {type(first_stage).__name__}, which has no encoder; "
+                              "latent diffusion needs an autoencoder checkpoint (model=ae or model=vae).")
+        return first_stage, config
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.first_stage.eval()  # frozen: batch norm keeps its trained statistics
+        return self
+
+    @torch.no_grad()
+    def to_x(self, images: Tensor) -> Tensor:
+        z = self.first_stage.encode(images)
+        if float(self.latent_scale) == 0.0:
+            self.estimate_latent_scale(z)
+        return z * self.latent_scale
+
+    def estimate_latent_scale(self, z: Tensor) -> None:
+        std = z.float().std()
+        if self._trainer is not None:
+            std = self.trainer.strategy.reduce(std, reduce_op="mean")  # every rank uses the same factor
+        if not torch.isfinite(std) or std <= 0:
+            raise ConfigError(f"the first stage's latents have standard deviation {float(std)}: it cannot be scaled to "
+                              "unit variance. Check model.first_stage_ckpt (a collapsed or untrained autoencoder?).")
+        self.latent_scale.fill_(1.0 / float(std))
+
+    def to_image(self, x: Tensor) -> Tensor:
+        if float(self.latent_scale) == 0.0:
+            raise ConfigError("this latent diffusion model has not seen a training batch yet, so its latent scale is "
+                              "unknown: sample from a checkpoint written after training started.")
+        return self.first_stage.decode(x / self.latent_scale).clamp(-1, 1)
+
+    def sampling_info(self, **options: Any) -> dict[str, Any]:
+        return {**super().sampling_info(**options), "latent_scale": float(self.latent_scale),
+                "latent_shape": list(self.x_shape), "first_stage": type(self.first_stage).__name__,
+                "first_stage_ckpt": self.hparams.get("first_stage_ckpt")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        config = copy.deepcopy(checkpoint["gencli"]["config"])
+        if config is not None:
+            config["model"]["first_stage_config"] = self.first_stage_config
+        checkpoint["gencli"]["config"] = config

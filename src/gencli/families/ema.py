@@ -1,0 +1,44 @@
+"""Exponential moving average of a net's weights, shared by the families that keep one (GAN, diffusion).
+
+The EMA copy is a plain ``nn.Module`` attribute of the family (so its weights travel in the
+checkpoint under their own prefix) that is never trained. The decay warms up as
+min(decay, (1 + k) / (10 + k)) after k updates, so a short run is not stuck near the random initial
+weights while a long one gets the full decay (e.g. DDPM's 0.9999). Buffers (BatchNorm running
+statistics) are copied, not averaged.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from gencli.errors import ConfigError
+
+
+def check_decay(decay: float | None) -> float | None:
+    if decay is None or decay == 0:
+        return None
+    if not 0 < decay < 1:
+        raise ConfigError(f"model.ema_decay={decay} must be in [0, 1) (e.g. 0.999), or null to keep no EMA copy.")
+    return float(decay)
+
+
+def ema_copy(net: nn.Module) -> nn.Module:
+    """A frozen copy of ``net`` to average into."""
+    return copy.deepcopy(net).requires_grad_(False)
+
+
+def warmed_up_decay(decay: float, updates: int) -> float:
+    return min(decay, (1 + updates) / (10 + updates))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, updates: int) -> float:
+    """Move ``ema`` toward ``net`` (after ``updates`` earlier updates); returns the decay used."""
+    d = warmed_up_decay(decay, updates)
+    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1.0 - d)
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+    return d

@@ -1,0 +1,115 @@
+"""Real diffusion chains through the CLI: train -> sample (ddpm, ddim, interpolate) -> eval, and latent
+diffusion on a tiny autoencoder checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import FAST_TRAIN, describe, gencli
+
+pytestmark = pytest.mark.slow
+
+# A 8x8 UNet small enough for a CPU test (two levels, 8 channels), a short DDIM default sampler.
+TINY = ["model=ddpm", "model/net=unet_cpu", "model.net.ch=8", "model.net.norm_groups=4", "model.net.ch_mult=[1,2]",
+        "model.net.attn_resolutions=[4]", "data.image_size=8", "model.sampler.steps=5", "model.ema_decay=0.99",
+        "model.scheduler.warmup_steps=10", "model.optimizer.lr=0.002"]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("diffusion_chain")
+    run_dir = root / "train_run"
+    result = gencli("train", *TINY, *FAST_TRAIN, f"hydra.run.dir={run_dir}", cwd=root)
+    assert result.returncode == 0, describe(result)
+    return root, run_dir
+
+
+def run(root, verb, name, *args):
+    out = root / name
+    return out, gencli(verb, *args, f"hydra.run.dir={out}", cwd=root)
+
+
+def test_train_writes_checkpoint_metrics_and_grid(trained):
+    _, run_dir = trained
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in ("train/loss", "val/loss", "val/loss_raw", "val/loss_t0", "val/loss_t3"):
+        assert np.isfinite(metrics["metrics"][key]), key
+    assert metrics["metrics"]["val/loss"] < 1.0  # below the loss of predicting eps = 0
+    last = torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    assert int(last["state_dict"]["ema_updates"]) == metrics["steps"] > 0
+    assert any(k.startswith("net_ema.") for k in last["state_dict"])
+    assert (run_dir / "samples" / "final.png").is_file()
+
+
+@pytest.mark.parametrize("sampler", [["sampler=ddpm"], ["sampler=ddim", "sampler.steps=4", "sampler.eta=0.5"], []])
+def test_sample_with_each_sampler(trained, sampler):
+    root, run_dir = trained
+    last = run_dir / "checkpoints" / "last.ckpt"
+    name = "sample_" + ("_".join(s.replace("=", "-") for s in sampler) or "default")
+    n = "n=4" if sampler and sampler[0] == "sampler=ddpm" else "n=6"  # DDPM: 1000 steps, one batch
+    out, result = run(root, "sample", name, f"ckpt={last}", n, "batch_size=4", *sampler)
+    assert result.returncode == 0, describe(result)
+    images = np.load(out / "samples.npz")["images"]
+    assert images.shape == (int(n[2:]), 8, 8, 1) and images.dtype == np.uint8
+    info = json.loads((out / "sample.json").read_text())["sampling"]
+    expected = {"ddpm": ("ddpm", None), "ddim": ("ddim", 4)}.get(sampler[0].split("=")[1] if sampler else "", ("ddim", 5))
+    assert (info["sampler"]["name"], info["sampler"]["steps"]) == expected
+    assert info["weights"] == "ema"
+    # The same seed gives the same images.
+    again, result = run(root, "sample", name + "_again", f"ckpt={last}", n, "batch_size=4", *sampler)
+    np.testing.assert_array_equal(images, np.load(again / "samples.npz")["images"])
+
+
+def test_interpolate_and_clear_errors(trained):
+    root, run_dir = trained
+    last = run_dir / "checkpoints" / "last.ckpt"
+    out, result = run(root, "sample", "interp", f"ckpt={last}", "mode=interpolate", "n=2", "interpolation_steps=5")
+    assert result.returncode == 0, describe(result)
+    assert (out / "interpolation.png").is_file()
+    _, result = run(root, "sample", "interp_ddpm", f"ckpt={last}", "mode=interpolate", "sampler=ddpm")
+    assert result.returncode == 2 and "deterministic sampler" in result.stderr and "Traceback" not in result.stderr
+    _, result = run(root, "sample", "steps_alone", f"ckpt={last}", "sampler.steps=3")
+    assert result.returncode == 2 and "add sampler=<option>" in result.stderr
+    _, result = run(root, "sample", "too_many", f"ckpt={last}", "sampler=ddim", "sampler.steps=5000")
+    assert result.returncode == 2 and "sampler.steps=5000" in result.stderr
+    _, result = run(root, "sample", "psi", f"ckpt={last}", "truncation=0.5")
+    assert result.returncode == 2 and "truncation" in result.stderr
+
+
+def test_latent_diffusion_end_to_end(tmp_path):
+    ae_dir, ldm_dir = tmp_path / "ae", tmp_path / "ldm"
+    result = gencli("train", "model=ae", "model.latent_dim=8", "data.image_size=8", *FAST_TRAIN,
+                    f"hydra.run.dir={ae_dir}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    ae_ckpt = ae_dir / "checkpoints" / "last.ckpt"
+    result = gencli("train", "model=ldm", f"model.first_stage_ckpt={ae_ckpt}", "data.image_size=8",
+                    "model.net.hidden=64", "model.net.depth=2", "model.sampler.steps=10", *FAST_TRAIN,
+                    f"hydra.run.dir={ldm_dir}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    metrics = json.loads((ldm_dir / "metrics.json").read_text())
+    assert np.isfinite(metrics["metrics"]["val/loss"])
+    ae_ckpt.rename(tmp_path / "moved.ckpt")  # the latent-diffusion checkpoint must stand alone
+    out = tmp_path / "ldm_samples"
+    result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "n=5", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert np.load(out / "samples.npz")["images"].shape == (5, 8, 8, 1)
+    info = json.loads((out / "sample.json").read_text())["sampling"]
+    assert info["family"] == "LatentDiffusion" and info["latent_shape"] == [8] and info["latent_scale"] > 0
+    out = tmp_path / "ldm_interp"
+    result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "mode=interpolate", "n=2",
+                    f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+
+
+def test_latent_diffusion_on_a_gan_checkpoint_is_refused(tmp_path):
+    gan_dir = tmp_path / "gan"
+    result = gencli("train", "model=dcgan", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
+                    "data.image_size=8", *FAST_TRAIN, "trainer.max_epochs=1", f"hydra.run.dir={gan_dir}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    result = gencli("train", "model=ldm", f"model.first_stage_ckpt={gan_dir / 'checkpoints' / 'last.ckpt'}",
+                    "data.image_size=8", cwd=tmp_path)
+    assert result.returncode == 2 and "has no encoder" in result.stderr and "Traceback" not in result.stderr
