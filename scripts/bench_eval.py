@@ -9,7 +9,8 @@ real MNIST files (``data.source_split=test`` by default: 9,000 train / 1,000 val
    provenance, so start-up is excluded) from a checkpoint and from samples.npz;
 4. peak resident memory (``wait4``'s ru_maxrss) of whole ``gencli eval`` processes at n = 5,000 and
    n = 50,000 (bounded memory: only the n x 128 features grow, not the images);
-5. domain FID/KID of each checkpoint given with ``--ckpt NAME=PATH`` (one row per family).
+5. domain FID/KID of each checkpoint given with ``--ckpt NAME=PATH`` (one row per family, ``--n-family``
+   generated images each, with the checkpoint's own sampler settings).
 
     PYTHONPATH=src python scripts/bench_eval.py --ckpt vae=outputs/.../last.ckpt --ckpt gan=...
 
@@ -57,7 +58,9 @@ def main() -> None:
     parser.add_argument("--mnist", default=str(DEFAULT_MNIST), help="folder with the MNIST IDX files")
     parser.add_argument("--source-split", default="test")
     parser.add_argument("--ckpt", action="append", default=[], help="NAME=PATH of a checkpoint trained on MNIST")
-    parser.add_argument("--n", type=int, default=5000, help="images for throughput and the per-family table")
+    parser.add_argument("--n", type=int, default=5000, help="images for the throughput and small-memory rows")
+    parser.add_argument("--n-family", type=int, default=1000,
+                        help="generated images per family row (diffusion samples slowly on a CPU)")
     parser.add_argument("--n-big", type=int, default=50000, help="images for the peak-memory run")
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for the runs")
@@ -118,11 +121,13 @@ def main() -> None:
 
     # 5: one row per family
     for name, path in ckpts.items():
-        report, _, _ = evaluate(f"family_{name.split()[0]}", [f"ckpt={path}", *common, f"n={args.n}"], env, work)
-        m = report["metrics"]
-        rows.append((f"{name}: fid_domain / kid_domain", f"{m['fid_domain']:.3f} / {m['kid_domain']:.4f} "
-                                                         f"(+- {m['kid_domain_std']:.4f}), n={args.n} vs "
-                                                         f"{report['provenance']['fid']['reference']['n_real']} real val"))
+        report, seconds, _ = evaluate(f"family_{name.split()[0]}", [f"ckpt={path}", *common, f"n={args.n_family}"],
+                                      env, work)
+        m, prov = report["metrics"], report["provenance"]["fid"]
+        rows.append((f"{name}: fid_domain / kid_domain", f"{m['fid_domain']:.2f} / {m['kid_domain']:.2f} "
+                                                         f"(+- {m['kid_domain_std']:.2f}), {args.n_family} generated vs "
+                                                         f"{prov['reference']['n_real']} real val, "
+                                                         f"{prov['timing']['images_per_second']:.1f} images/s"))
 
     load = os.getloadavg()
     print(f"\ngencli eval benchmark (domain features, MNIST {args.source_split} files); threads="
