@@ -149,3 +149,18 @@ def shared_mnist() -> Path:
     if not (path / "t10k-images-idx3-ubyte.gz").exists():
         pytest.skip("../shared/data/mnist is not present")
     return path
+
+
+# ----------------------------------------------------------------------------- caches
+@pytest.fixture(scope="session", autouse=True)
+def gencli_cache(tmp_path_factory) -> Path:
+    """Every test (and every gencli subprocess, which inherits the environment) caches domain
+    classifiers and reference statistics in one session folder, never in ~/.cache/gencli."""
+    path = tmp_path_factory.mktemp("gencli_cache")
+    previous = os.environ.get("GENCLI_CACHE")
+    os.environ["GENCLI_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("GENCLI_CACHE", None)
+    else:
+        os.environ["GENCLI_CACHE"] = previous

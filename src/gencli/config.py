@@ -70,6 +70,8 @@ def check_group_overrides(overrides: list[str], config_name: str | None = None) 
         if key not in groups or "(" in value or value in ("", "null"):
             continue  # not a group choice, or a sweep function Hydra will expand
         options = group_options(key)
+        if value.startswith("[") and value.endswith("]"):  # a list of options of one group: metric=[fid,kid]
+            value = value[1:-1]
         for choice in value.split(","):
             choice = choice.strip()
             if choice and choice not in options:

@@ -2,7 +2,8 @@
 
 The same seed every time, so successive grids show the same latents as the model learns. Families
 with an encoder also get a reconstruction grid (validation inputs on odd rows, reconstructions
-below them). Only rank 0 writes.
+below them). Only rank 0 writes. Modules that are not a GenerativeModel (the domain classifier,
+``model=classifier``) have nothing to sample, so the callback skips them.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from gencli.families.base import GenerativeModel
 from gencli.io import auto_scale, make_grid, save_image_grid
 
 
@@ -27,7 +29,7 @@ class SampleGrid(L.Callback):
 
     @torch.no_grad()
     def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
-        if not trainer.is_global_zero:
+        if not trainer.is_global_zero or not isinstance(pl_module, GenerativeModel):
             return
         was_training = pl_module.training
         pl_module.eval()

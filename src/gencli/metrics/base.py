@@ -3,7 +3,9 @@
 ``conf/metric/<name>.yaml`` holds a mapping of metric name -> config with a ``_target_`` subclass of
 :class:`EvalMetric`; the eval job instantiates each, calls it with one shared :class:`EvalContext`
 and merges the returned values and provenance into ``metrics.json``. A new metric (FID, KID, ...)
-is a new class and a new YAML file, with no change to the job.
+is a new class and a new YAML file, with no change to the job. Metrics that can share work (the sample
+metrics share one pass of generated images through the feature extractor) find each other through
+``EvalContext.metrics`` and keep what they share in ``EvalContext.shared``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,22 @@ class EvalContext:
     sample_options: dict = field(default_factory=dict)
     ckpt: str | None = None
     samples: str | None = None
+    #: The feature extractor of the sample metrics (``features=``), prepared on first use.
+    features: Any | None = None
+    #: Real images in the reference statistics (None or <= 0: the whole split).
+    reference_n: int | None = None
+    #: Where reference statistics (and the domain classifier) are cached; ``use_cache=False`` recomputes.
+    cache_dir: Path | None = None
+    use_cache: bool = True
+    #: Write the generated images (samples.npz + samples.png) besides metrics.json.
+    save_samples: bool = False
+    #: Every metric of this run by name (so metrics can share one pass over the images).
+    metrics: dict[str, Any] = field(default_factory=dict)
+    #: Results metrics share within one run (e.g. the sample pass).
+    shared: dict[str, Any] = field(default_factory=dict)
+
+    def has_encoder(self) -> bool:
+        return self.model is not None and bool(getattr(self.model, "has_encoder", False))
 
     def require_encoder(self, metric: str) -> Any:
         if self.model is None:

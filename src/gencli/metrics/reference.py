@@ -1,0 +1,126 @@
+"""Reference statistics of the real images, computed once and cached on disk.
+
+For one (data set, split, feature extractor, n, transform) the real images pass through the extractor
+once; what FID needs (the feature sum and the sum of outer products, float64: exactly the
+``real_features_sum``/``real_features_cov_sum`` states of torchmetrics' FID) and the feature bank
+KID and PRDC need (float32, n x D) are stored under
+``<cache_dir>/reference/<data>-<split>-<extractor>-<hash>/`` as ``stats.npz`` plus ``manifest.json``
+(the full key, n, D, versions, timing). The key holds the data module's ``describe()`` (name, image
+size, channels, seed, split fractions, source files / resize policy), the split, the extractor's
+identity (name, weights sha256, input transform) and n, so any change to those misses.
+
+On a hit nothing touches the data set: the data module is never set up (its files are not read).
+The manifest is written after the arrays, so an interrupted run leaves no entry that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from gencli.io import atomic_write, write_json
+from gencli.metrics.domain import key_hash
+from gencli.progress import track_batches
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ReferenceStats:
+    n: int
+    feature_sum: np.ndarray  # (D,) float64
+    outer_sum: np.ndarray  # (D, D) float64
+    features: torch.Tensor  # (n, D) float32 bank for KID / PRDC
+    key: dict[str, Any]
+    cache: str  # "hit" | "miss" | "off"
+    path: str | None = None
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def mean(self) -> np.ndarray:
+        return self.feature_sum / self.n
+
+    @property
+    def cov(self) -> np.ndarray:
+        mean = self.mean
+        return (self.outer_sum - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+    def describe(self) -> dict[str, Any]:
+        return {"data": self.key["data"], "split": self.key["split"], "n_real": self.n,
+                "n_requested": self.key["n"], "cache": self.cache, "cache_entry": self.path,
+                "seconds": round(self.seconds, 3)}
+
+
+def reference_key(datamodule, split: str, extractor, n: int | None) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "data": datamodule.describe(), "split": split,
+            "extractor": extractor.identity(), "n": "all" if not n or n <= 0 else int(n)}
+
+
+def entry_dir(cache_dir: str | Path, datamodule, split: str, extractor, key: dict) -> Path:
+    return Path(str(cache_dir)).expanduser() / "reference" / f"{datamodule.name}-{split}-{extractor.name}-{key_hash(key)}"
+
+
+@torch.no_grad()
+def compute_reference(datamodule, split: str, extractor, n: int | None, batch_size: int) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
+    """One pass over the first ``n`` images of ``split`` (the split is already a seeded random order)."""
+    images = datamodule.split(split).images
+    total = len(images) if not n or n <= 0 else min(int(n), len(images))
+    if total < 2:
+        from gencli.errors import ConfigError
+
+        raise ConfigError(f"split={split} of data={datamodule.name} has {len(images)} image(s); reference statistics "
+                          "need at least 2.")
+    feature_sum = outer_sum = None
+    bank = []
+    start = 0
+    for b in track_batches(total, batch_size, f"reference features ({datamodule.name} {split})"):
+        x = images[start : start + b].float() / 127.5 - 1
+        start += b
+        feats = extractor.features(x)
+        f64 = feats.double()
+        feature_sum = f64.sum(0) if feature_sum is None else feature_sum + f64.sum(0)
+        outer_sum = f64.T @ f64 if outer_sum is None else outer_sum + f64.T @ f64
+        bank.append(feats.float())
+    return total, feature_sum.numpy(), outer_sum.numpy(), torch.cat(bank)
+
+
+def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir: str | Path | None,
+                    batch_size: int = 256, use_cache: bool = True) -> ReferenceStats:
+    """Reference statistics from the cache, or computed (and stored when ``use_cache``)."""
+    key = reference_key(datamodule, split, extractor, n)
+    plain_key = json.loads(json.dumps(key, default=str))
+    entry = entry_dir(cache_dir, datamodule, split, extractor, key) if cache_dir else None
+    start = time.perf_counter()
+    if use_cache and entry is not None and (entry / "manifest.json").is_file() and (entry / "stats.npz").is_file():
+        manifest = json.loads((entry / "manifest.json").read_text())
+        if manifest.get("key") == plain_key:
+            with np.load(entry / "stats.npz") as stats:
+                ref = ReferenceStats(n=int(stats["n"]), feature_sum=stats["feature_sum"], outer_sum=stats["outer_sum"],
+                                     features=torch.from_numpy(stats["features"]), key=plain_key, cache="hit",
+                                     path=str(entry))
+            ref.seconds = time.perf_counter() - start
+            log.info("reference statistics: cache hit (%s)", entry)
+            return ref
+    total, feature_sum, outer_sum, bank = compute_reference(datamodule, split, extractor, n, batch_size)
+    seconds = time.perf_counter() - start
+    if use_cache and entry is not None:
+        with atomic_write(entry / "stats.npz") as f:
+            np.savez(f, n=np.int64(total), feature_sum=feature_sum, outer_sum=outer_sum, features=bank.numpy())
+        from gencli.provenance import environment
+
+        write_json(entry / "manifest.json", {"key": plain_key, "n_real": total, "feature_dim": int(bank.shape[1]),
+                                             "compute_seconds": round(seconds, 3), **environment()})
+        log.info("reference statistics: computed %d %s images in %.1f s, cached in %s", total, split, seconds, entry)
+    return ReferenceStats(n=total, feature_sum=feature_sum, outer_sum=outer_sum, features=bank, key=plain_key,
+                          cache="miss" if use_cache and entry is not None else "off",
+                          path=str(entry) if entry else None, seconds=seconds)

@@ -1,0 +1,182 @@
+"""Where the images being evaluated come from: a model's sampler, or files made anywhere.
+
+Both sources stream [-1, 1] float NCHW batches quantised to uint8 levels, exactly what the images
+would be once saved as PNG or npz. So ``gencli eval ckpt=...`` and ``gencli eval samples=...`` of the
+same images (``gencli sample`` with the same seed and batch size) give the same numbers.
+
+- :class:`ModelSource`: ``model.sample(b, generator=..., **sample_options)`` batch after batch with one
+  seeded CPU generator (``jobs.common.generator_for``), never holding more than one batch.
+- :class:`FileSource`: ``samples=file.npz`` (uint8 NHWC or NHW under the key ``images``, as
+  ``gencli sample`` and torch-fidelity write), ``samples=file.npy``, or ``samples=DIR`` of PNG/JPEG
+  files (searched recursively, sorted by path, decoded one batch at a time).
+
+Images must have the reference data's height and width: a mismatch is a ConfigError that says how
+to fix it (``data.image_size=``); nothing is silently resized. Grayscale files are replicated to RGB
+for an RGB reference, and RGB files whose three channels are equal are read as grayscale for a
+grayscale reference; both are recorded. Colour images against a grayscale reference are refused.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gencli.errors import ConfigError
+from gencli.io import from_uint8, to_uint8
+from gencli.progress import batch_sizes
+
+log = logging.getLogger(__name__)
+
+
+def quantise(images: Tensor) -> tuple[Tensor, np.ndarray]:
+    """[-1, 1] float NCHW -> (the same images at uint8 levels as float NCHW, uint8 NHWC)."""
+    u8 = to_uint8(images)
+    return from_uint8(u8), u8
+
+
+class ImageSource:
+    n: int = 0
+
+    def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
+        """Yield (float [-1, 1] NCHW batch, uint8 NHWC batch) in ``batch_sizes(n, batch_size)`` pieces."""
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+
+class ModelSource(ImageSource):
+    def __init__(self, model, n: int, seed: int, options: dict | None = None, ckpt: str | None = None):
+        if n < 2:
+            raise ConfigError(f"n={n}: sample-based metrics need at least 2 generated images (e.g. n=1000).")
+        self.model, self.n, self.seed, self.options, self.ckpt = model, int(n), int(seed), dict(options or {}), ckpt
+
+    @torch.no_grad()
+    def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
+        from gencli.jobs.common import generator_for
+
+        generator = generator_for(self.seed)
+        for b in batch_sizes(self.n, batch_size):
+            yield quantise(self.model.sample(b, generator=generator, **self.options))
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "ckpt", "ckpt": self.ckpt, "n_generated": self.n, "seed": self.seed,
+                "sampling": self.model.sampling_info(**self.options),
+                "quantisation": "samples rounded to uint8 levels, as when saved"}
+
+
+class FileSource(ImageSource):
+    def __init__(self, path: str, image_shape: tuple[int, int, int], n: int = 0, data_name: str = "data"):
+        self.path = Path(str(path)).expanduser()
+        self.channels, self.height, self.width = (int(s) for s in image_shape)
+        self.data_name = data_name
+        self.conversion = "none"
+        if not self.path.exists():
+            raise ConfigError(f"samples={path} does not exist. Give an .npz/.npy of uint8 images (N, H, W[, C]) such as "
+                              "'gencli sample' writes (samples.npz), or a folder of PNG/JPEG images.")
+        if self.path.is_dir():
+            from gencli.data.folder import list_images
+
+            self.files = list_images(self.path)
+            if not self.files:
+                raise ConfigError(f"samples={path} is a folder without images (PNG, JPEG, ... searched recursively).")
+            self.array = None
+            available = len(self.files)
+            first = self.decode(self.files[0])
+            self.check_shape(first[None])
+        else:
+            self.files = None
+            self.array = self.load_array()
+            available = len(self.array)
+            self.check_shape(self.array[:1])
+        self.available = available
+        self.n = available if n <= 0 else min(int(n), available)
+        if self.n < 2:
+            raise ConfigError(f"samples={path} holds {available} image(s); sample-based metrics need at least 2.")
+        if self.n < available:
+            log.warning("samples=%s holds %d images; using the first n=%d (n=0 uses all)", path, available, self.n)
+
+    def load_array(self) -> np.ndarray:
+        suffix = self.path.suffix.lower()
+        try:
+            if suffix == ".npy":
+                array = np.load(self.path, mmap_mode="r")
+            elif suffix == ".npz":
+                with np.load(self.path) as archive:
+                    if "images" not in archive.files:
+                        raise ConfigError(f"samples={self.path} has no array named 'images' (it has {', '.join(archive.files)}); "
+                                          "gencli reads uint8 images (N, H, W[, C]) under the key 'images'.")
+                    array = archive["images"]
+            else:
+                raise ConfigError(f"samples={self.path} is neither an .npz, an .npy nor a folder of images.")
+        except (OSError, ValueError) as err:
+            raise ConfigError(f"samples={self.path} could not be read as a numpy archive ({err}).") from err
+        if array.dtype != np.uint8:
+            raise ConfigError(f"samples={self.path} holds {array.dtype} images; gencli reads uint8 images (0..255), "
+                              "N x H x W [x C], as 'gencli sample' writes them.")
+        if array.ndim == 3:
+            array = array[..., None]
+        if array.ndim != 4 or array.shape[-1] not in (1, 3):
+            raise ConfigError(f"samples={self.path} holds an array of shape {array.shape}; expected N x H x W x C "
+                              "(channels last, C = 1 or 3) or N x H x W.")
+        return array
+
+    def decode(self, path: Path) -> np.ndarray:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as img:
+                gray = img.mode in ("L", "1", "I", "I;16", "F") or (img.mode == "P" and img.palette.mode == "L")
+                array = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
+        except (UnidentifiedImageError, OSError, ValueError) as err:
+            raise ConfigError(f"samples={self.path}: {path} is not a readable image ({err}).") from err
+        return array[..., None] if array.ndim == 2 else array
+
+    def check_shape(self, batch: np.ndarray) -> None:
+        _, h, w, c = batch.shape
+        if (h, w) != (self.height, self.width):
+            raise ConfigError(
+                f"samples={self.path} holds {h}x{w} images but data={self.data_name} (the reference) gives "
+                f"{self.height}x{self.width}. Nothing is resized silently: add data.image_size={h} to compare with "
+                f"the real images at {h}x{w}, or save your samples at {self.height}x{self.width}."
+            )
+        if c == self.channels:
+            return
+        if c == 1 and self.channels == 3:
+            self.conversion = "grayscale samples replicated to 3 channels"
+            return
+        if c == 3 and self.channels == 1 and np.array_equal(batch[..., 0], batch[..., 1]) and np.array_equal(batch[..., 0], batch[..., 2]):
+            self.conversion = "RGB samples with equal channels read as grayscale"
+            return
+        raise ConfigError(
+            f"samples={self.path} holds {c}-channel images but data={self.data_name} has {self.channels} channel(s); "
+            f"add data.channels={c} to compare with the real images in {'RGB' if c == 3 else 'grayscale'}."
+        )
+
+    def fit_channels(self, batch: np.ndarray) -> np.ndarray:
+        self.check_shape(batch)
+        if batch.shape[-1] == self.channels:
+            return batch
+        if self.channels == 3:
+            return np.repeat(batch, 3, axis=-1)
+        return batch[..., :1]
+
+    def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
+        start = 0
+        for b in batch_sizes(self.n, batch_size):
+            if self.files is not None:  # one file at a time: every file is checked (sizes, channels)
+                batch = np.concatenate([self.fit_channels(self.decode(p)[None]) for p in self.files[start : start + b]])
+            else:
+                batch = self.fit_channels(np.array(self.array[start : start + b]))  # a copy: .npy files are memory-mapped read-only
+            start += b
+            yield from_uint8(batch), batch
+
+    def describe(self) -> dict[str, Any]:
+        return {"source": "samples", "samples": str(self.path), "n_generated": self.n, "n_available": self.available,
+                "channels": self.conversion, "sampling": "unknown (images made outside this run)"}
