@@ -66,3 +66,11 @@ def test_hardware_settings_apply_and_validate():
         HardwareSettings(precision="8-bit")
     with pytest.raises(ConfigError, match="num_workers"):
         HardwareSettings(num_workers=-1)
+
+
+def test_keep_freed_memory_applies_on_glibc():
+    import platform
+
+    from gencli.hardware import keep_freed_memory
+
+    assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")

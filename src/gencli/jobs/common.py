@@ -38,6 +38,9 @@ def user_error(err: BaseException) -> GencliError | None:
 
 def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run ``job``; print a user error as one paragraph and exit 2 (usage) or 1 (runtime)."""
+    from gencli.hardware import keep_freed_memory
+
+    keep_freed_memory()  # large CPU batches: reuse freed memory instead of page-faulting it in again
     try:
         return job(cfg)
     except Exception as err:
