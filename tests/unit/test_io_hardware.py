@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -23,6 +25,10 @@ def test_atomic_write_leaves_nothing_on_failure(tmp_path):
     with atomic_write(target, "w") as f:
         f.write("whole")
     assert target.read_text() == "whole"
+    # Readable like any other new file (mkstemp alone would leave it private to the owner).
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
 def test_uint8_round_trip_and_npz(tmp_path):
