@@ -19,13 +19,15 @@ $(BIN)/gencli: pyproject.toml
 run: install
 	$(BIN)/gencli train
 
-# The whole suite, slow end-to-end runs included (what CI runs).
+# The whole suite, slow end-to-end runs included (what CI runs), in TEST_WORKERS processes; each
+# test file stays on one worker (--dist loadfile) so its module-scoped training runs happen once.
+TEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Unit and fast CLI tests only.
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: install
 	$(BIN)/ruff check src tests scripts

@@ -22,6 +22,15 @@ from gencli.config import CONF_DIR
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    # `make test` runs two pytest workers on two cores: one thread each (and in every gencli subprocess,
+    # which inherits the environment), since OpenMP threads that outnumber the cores spin against each
+    # other and run many times slower than one thread.
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 # Small and fast everywhere: a couple of epochs, tiny batches, no progress bar noise.
 FAST_TRAIN = [
     "trainer.max_epochs=2",

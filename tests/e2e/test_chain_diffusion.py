@@ -59,9 +59,9 @@ def test_sample_with_each_sampler(trained, sampler):
     expected = {"ddpm": ("ddpm", None), "ddim": ("ddim", 4)}.get(sampler[0].split("=")[1] if sampler else "", ("ddim", 5))
     assert (info["sampler"]["name"], info["sampler"]["steps"]) == expected
     assert info["weights"] == "ema"
-    # The same seed gives the same images.
-    again, result = run(root, "sample", name + "_again", f"ckpt={last}", n, "batch_size=4", *sampler)
-    np.testing.assert_array_equal(images, np.load(again / "samples.npz")["images"])
+    if sampler != ["sampler=ddpm"]:  # the same seed gives the same images (DDPM-1000 is too slow to run twice)
+        again, result = run(root, "sample", name + "_again", f"ckpt={last}", n, "batch_size=4", *sampler)
+        np.testing.assert_array_equal(images, np.load(again / "samples.npz")["images"])
 
 
 def test_interpolate_and_clear_errors(trained):
@@ -103,13 +103,3 @@ def test_latent_diffusion_end_to_end(tmp_path):
     result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "mode=interpolate", "n=2",
                     f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, describe(result)
-
-
-def test_latent_diffusion_on_a_gan_checkpoint_is_refused(tmp_path):
-    gan_dir = tmp_path / "gan"
-    result = gencli("train", "model=dcgan", "model.generator.base_channels=8", "model.discriminator.base_channels=8",
-                    "data.image_size=8", *FAST_TRAIN, "trainer.max_epochs=1", f"hydra.run.dir={gan_dir}", cwd=tmp_path)
-    assert result.returncode == 0, describe(result)
-    result = gencli("train", "model=ldm", f"model.first_stage_ckpt={gan_dir / 'checkpoints' / 'last.ckpt'}",
-                    "data.image_size=8", cwd=tmp_path)
-    assert result.returncode == 2 and "has no encoder" in result.stderr and "Traceback" not in result.stderr

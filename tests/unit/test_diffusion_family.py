@@ -247,6 +247,20 @@ def test_latent_diffusion_needs_an_autoencoder(compose_cfg, tmp_path):
         instantiate(cfg.model)
 
 
+def test_latent_diffusion_refuses_a_first_stage_without_encoder(compose_cfg, tmp_path):
+    from omegaconf import OmegaConf
+
+    cfg = compose_cfg("train", ["model=dcgan", "data=digits", "data.image_size=8", "model.generator.base_channels=8",
+                                "model.discriminator.base_channels=8"])
+    gan = instantiate(cfg.model)
+    gan.run_config = OmegaConf.to_container(cfg, resolve=True)
+    path = tmp_path / "gan.ckpt"
+    torch.save({"state_dict": gan.state_dict(), "gencli": {"config": gan.run_config}}, path)
+    cfg = compose_cfg("train", ["model=ldm", f"model.first_stage_ckpt={path}", "data=digits", "data.image_size=8"])
+    with pytest.raises(Exception, match="has no encoder"):
+        instantiate(cfg.model)
+
+
 def test_latent_diffusion_refuses_another_image_size(compose_cfg, tiny_ae_ckpt):
     ae_path, _ = tiny_ae_ckpt
     cfg = compose_cfg("train", ["model=ldm", f"model.first_stage_ckpt={ae_path}", "data=digits", "data.image_size=16"])
