@@ -85,6 +85,8 @@ def test_domain_classifier_trains_once_and_is_cached(digits_domain):
     assert DomainFeatures(cache_dir=str(cache), seed=1).cache.entry(datamodule) != entry
     assert features.cache.entry(DigitsDataModule(seed=1)) != entry
     assert features.cache.entry(DigitsDataModule(seed=0, image_size=8)) != entry
+    assert features.cache.entry(DigitsDataModule(seed=0, max_images=500)) != entry  # trained on other images
+    assert features.cache.entry(DigitsDataModule(seed=0, random_flip=True)) != entry  # trained with flips
     assert DomainFeatures(cache_dir=str(cache), train_split="val").cache.entry(datamodule) != entry
 
 
@@ -126,6 +128,7 @@ def test_reference_cache_hit_skips_the_data_pass_and_changes_miss(digits_domain,
         dict(n=100),  # another n
         dict(split="train"),  # another split
         dict(datamodule=CountingDigits(seed=0, val_fraction=0.2)),  # another data set split
+        dict(datamodule=CountingDigits(seed=0, max_images=1500)),  # a subset: other images in both splits
     ):
         args = {"datamodule": CountingDigits(seed=0), "split": "val", "extractor": features, "n": None, **changed}
         reads = CountingDigits.reads

@@ -108,9 +108,12 @@ class ImageDataModule(L.LightningDataModule):
         raise NotImplementedError
 
     def describe(self) -> dict:
-        """Identity of the data for provenance and cache keys."""
+        """Identity of the data for provenance and cache keys: everything that changes which images, or
+        which pixels, the splits hold (max_images changes both splits; random_flip what a classifier
+        trained on the train split sees)."""
         return {"name": self.name, "image_size": self.image_size, "channels": self.channels,
-                "val_fraction": self.val_fraction, "seed": self.seed}
+                "val_fraction": self.val_fraction, "seed": self.seed, "max_images": self.max_images,
+                "random_flip": self.random_flip}
 
     # ---- shared
     def setup(self, stage: str | None = None) -> None:

@@ -6,7 +6,8 @@ once; what FID needs (the feature sum and the sum of outer products, float64: ex
 KID and PRDC need (float32, n x D) are stored under
 ``<cache_dir>/reference/<data>-<split>-<extractor>-<hash>/`` as ``stats.npz`` plus ``manifest.json``
 (the full key, n, D, versions, timing). The key holds the data module's ``describe()`` (name, image
-size, channels, seed, split fractions, source files / resize policy), the split, the extractor's
+size, channels, seed, split fraction, max_images, random_flip, source split or folder root and resize
+policy), the split, the extractor's
 identity (name, weights sha256, input transform) and n, so any change to those misses.
 
 On a hit nothing touches the data set: the data module is never set up (its files are not read).
