@@ -115,7 +115,19 @@ def test_gathering_casts_to_the_input_dtype():
     ({"kind": "sigmoid"}, "kind='sigmoid'"),
     ({"timesteps": 1}, "timesteps=1"),
     ({"beta_start": 0.1, "beta_end": 0.01}, "beta_start=0.1"),
+    ({"timesteps": 10}, "kind=cosine"),  # DDPM's betas scaled to 10 steps would exceed 1
+    # DDPM's betas kept unscaled at T = 100: x_T would still hold 60% of the image
+    ({"timesteps": 100, "beta_start": 1e-4, "beta_end": 0.02}, "still holds 60%"),
 ])
 def test_bad_schedules_are_config_errors(kwargs, needle):
     with pytest.raises(ConfigError, match=needle):
         NoiseSchedule(**kwargs)
+
+
+def test_unset_linear_betas_are_ddpms_scaled_to_the_number_of_steps():
+    ddpm = NoiseSchedule("linear", 1000)
+    assert (ddpm.beta_start, ddpm.beta_end) == (1e-4, 0.02)  # the paper's values at T = 1000
+    short = NoiseSchedule("linear", 100)
+    assert short.beta_start == pytest.approx(1e-3) and short.beta_end == pytest.approx(0.2)
+    # both end in near pure noise, so sampling from N(0, I) matches what the net was trained on
+    assert ddpm.alphas_cumprod[-1] < 1e-4 and short.alphas_cumprod[-1] < 1e-4

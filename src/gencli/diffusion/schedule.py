@@ -14,6 +14,10 @@ timesteps indexed 0..T-1 (the paper's t = 1..T).
 
 Schedules: ``linear`` (beta from ``beta_start`` to ``beta_end``, DDPM) and ``cosine``
 (alpha_bar_t = cos^2(((t/T + s) / (1 + s)) pi/2), Nichol & Dhariwal 2021, betas clipped at 0.999).
+Left unset, the linear betas are DDPM's 1e-4..0.02 scaled by 1000/T as in Nichol & Dhariwal's code,
+so any T ends in (near) pure noise; DDPM's own values at T = 1000. Sampling starts from N(0, I),
+so a schedule whose last step keeps signal (alpha_bar_{T-1} > 1e-2) is refused: it would train
+on one distribution of x_T and sample from another.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from gencli.errors import ConfigError
 
 KINDS = ("linear", "cosine")
 PREDICTIONS = ("eps", "v", "x0")
+# Largest alpha_bar allowed at the last step: sqrt(1e-2) = 10% of x_0 left in x_T.
+MAX_TERMINAL_ALPHA_BAR = 1e-2
 
 
 def linear_betas(timesteps: int, beta_start: float, beta_end: float) -> Tensor:
@@ -46,25 +52,37 @@ class NoiseSchedule:
         self,
         kind: str = "linear",
         timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        beta_start: float | None = None,
+        beta_end: float | None = None,
         cosine_s: float = 0.008,
     ):
         if kind not in KINDS:
             raise ConfigError(f"model.schedule.kind={kind!r} is not a noise schedule; use linear or cosine.")
         if int(timesteps) < 2:
             raise ConfigError(f"model.schedule.timesteps={timesteps} must be an integer >= 2 (DDPM uses 1000).")
+        timesteps = int(timesteps)
+        # DDPM's betas are for T = 1000; scaled by 1000/T they give the same total noise for any T.
+        beta_start = 1e-4 * 1000 / timesteps if beta_start is None else beta_start
+        beta_end = 0.02 * 1000 / timesteps if beta_end is None else beta_end
         if kind == "linear" and not 0 < beta_start < beta_end < 1:
-            raise ConfigError(f"model.schedule beta_start={beta_start}, beta_end={beta_end}: need 0 < beta_start < "
-                              "beta_end < 1 (DDPM: 1e-4 and 0.02).")
+            raise ConfigError(f"model.schedule beta_start={beta_start:g}, beta_end={beta_end:g} (timesteps={timesteps}): "
+                              "need 0 < beta_start < beta_end < 1. Leave both null for DDPM's 1e-4..0.02 scaled "
+                              "by 1000/timesteps, which needs timesteps > 20; for fewer steps use "
+                              "model.schedule.kind=cosine.")
         self.kind = kind
-        self.timesteps = int(timesteps)
+        self.timesteps = timesteps
         self.beta_start, self.beta_end, self.cosine_s = float(beta_start), float(beta_end), float(cosine_s)
         betas = (linear_betas(self.timesteps, self.beta_start, self.beta_end) if kind == "linear"
                  else cosine_betas(self.timesteps, self.cosine_s))
         self.betas = betas
         self.alphas = 1.0 - betas
         self.alphas_cumprod = torch.cumprod(self.alphas, 0)
+        if self.alphas_cumprod[-1] > MAX_TERMINAL_ALPHA_BAR:
+            raise ConfigError(
+                f"model.schedule ({self.describe_text()}) leaves alpha_bar = {self.alphas_cumprod[-1]:.3g} at the last "
+                f"step, so x_T still holds {self.alphas_cumprod[-1].sqrt():.0%} of the image, but sampling starts from "
+                "pure noise. Raise model.schedule.beta_end or timesteps, leave beta_start/beta_end null (scaled to "
+                "timesteps), or use model.schedule.kind=cosine.")
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
         self.sqrt_one_minus_alphas_cumprod = (1 - self.alphas_cumprod).sqrt()
@@ -82,8 +100,11 @@ class NoiseSchedule:
             out.update(cosine_s=self.cosine_s)
         return out
 
+    def describe_text(self) -> str:
+        return ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in self.describe().items())
+
     def __repr__(self) -> str:
-        return f"NoiseSchedule({', '.join(f'{k}={v}' for k, v in self.describe().items())})"
+        return f"NoiseSchedule({self.describe_text()})"
 
     # ----------------------------------------------------------------- gathering
     def at(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
