@@ -51,6 +51,21 @@ def test_unet_refuses_sizes_it_cannot_halve(size, ch_mult):
         UNet(1, size, ch=8, ch_mult=ch_mult, norm_groups=4)
 
 
+def test_unet_refuses_empty_levels_and_groups_and_warns_about_absent_attention_levels(caplog):
+    with pytest.raises(ConfigError, match=r"ch_mult=\[\], norm_groups=4"):
+        UNet(1, 8, ch=8, ch_mult=(), norm_groups=4)
+    with pytest.raises(ConfigError, match="norm_groups=0"):
+        UNet(1, 8, ch=8, ch_mult=(1, 2), norm_groups=0)
+    with caplog.at_level("WARNING", logger="gencli.nets.unet"):
+        UNet(1, 32, ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), norm_groups=4)
+    assert "no UNet level at [8] for 32x32 images (levels: [32, 16])" in caplog.text
+
+
+def test_a_unet_built_for_another_size_is_refused():
+    with pytest.raises(ConfigError, match="model.net.image_size=16 but the model diffuses 8x8"):
+        Diffusion(UNet(1, 16, **TINY_UNET), image_shape=(1, 8, 8))
+
+
 def test_unet_starts_at_zero_and_uses_time():
     net = UNet(1, 8, **TINY_UNET)
     x = torch.randn(2, 1, 8, 8)
@@ -147,6 +162,7 @@ def test_sampling_options_and_provenance():
     raw = model.sample(2, g(), use_ema=False)
     ddpm = model.sample(2, g(), sampler=DDPMSampler(steps=10))
     assert ema.shape == raw.shape == ddpm.shape == (2, 1, 8, 8)
+    assert not torch.equal(ema, ddpm)  # the sampler option reaches the sampling loop
     info = model.sampling_info(sampler=DDIMSampler(steps=7, eta=0.3))
     assert info["sampler"] == {"name": "ddim", "steps": 7, "spacing": "trailing", "clip_denoised": True, "eta": 0.3}
     assert info["weights"] == "ema" and info["ema_decay"] == 0.9 and info["schedule"]["timesteps"] == 100
@@ -167,6 +183,10 @@ def test_decode_is_deterministic_ddim_and_refuses_noisy_samplers():
     torch.testing.assert_close(model.decode(z), model.decode(z, sampler=DDIMSampler(steps=50, eta=0.0)))
     with pytest.raises(ConfigError, match="deterministic sampler"):
         model.decode(z, sampler=DDIMSampler(eta=0.5))
+    # the provenance of an interpolation names the sampler decode used, not the noisy default
+    assert model.sampling_info()["sampler"]["name"] == "ddpm"
+    decoded_with = model.sampling_info(mode="decode")["sampler"]
+    assert decoded_with["name"] == "ddim" and decoded_with["eta"] == 0.0 and decoded_with["steps"] == 50
 
 
 def test_a_net_that_changes_the_shape_is_refused():
@@ -181,6 +201,11 @@ def test_bad_family_settings():
         tiny_diffusion(ema_decay=1.5)
     with pytest.raises(ConfigError, match="model.grad_clip=0"):
         tiny_diffusion(grad_clip=0)
+    # more sampling steps than training timesteps: refused when the model is built, not at the first sample grid
+    with pytest.raises(ConfigError, match="sampler.steps=500 must be between 1 and the model's 100"):
+        tiny_diffusion(sampler=DDIMSampler(steps=500))
+    with pytest.raises(ConfigError, match="sampler.steps=200"):
+        tiny_diffusion().sampling_info(sampler=DDPMSampler(steps=200))
 
 
 # ----------------------------------------------------------------------------- latent diffusion

@@ -78,8 +78,9 @@ class GenerativeModel(L.LightningModule):
         """
         return {}
 
-    def sampling_info(self, **options: Any) -> dict[str, Any]:
-        """What produced the samples, for the provenance in metrics.json (EMA, sampler, steps)."""
+    def sampling_info(self, mode: str = "sample", **options: Any) -> dict[str, Any]:
+        """What produced the samples, for the provenance in metrics.json (EMA, sampler, steps): of
+        :meth:`sample` (``mode="sample"``) or of :meth:`decode` (``mode="decode"``) with these options."""
         return {"family": type(self).__name__}
 
     # ----------------------------------------------------------------- shared plumbing

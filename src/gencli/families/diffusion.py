@@ -79,7 +79,7 @@ class Diffusion(GenerativeModel):
             raise ConfigError(f"model.grad_clip={grad_clip} must be > 0 (DDPM clips to norm 1), or null for no clipping.")
         self.net = net
         self.schedule = schedule or NoiseSchedule()
-        self.default_sampler = sampler or DDPMSampler()
+        self.default_sampler = self.check_sampler(sampler or DDPMSampler())
         self.prediction = prediction
         self.ema_decay = check_decay(ema_decay)
         self.net_ema = ema_copy(net) if self.ema_decay is not None else None
@@ -95,6 +95,11 @@ class Diffusion(GenerativeModel):
         x = torch.zeros(2, *self.x_shape)
         fix = ("a denoiser must keep its input's shape: leave model.net.in_channels and model.net.image_size at "
                "their ${data.channels} / ${data.image_size} defaults.")
+        built_for = getattr(self.net, "image_size", None)
+        if built_for is not None and len(self.x_shape) == 3 and built_for != self.x_shape[-1]:
+            # A UNet runs at other sizes too, but its attention levels were placed for image_size.
+            raise ConfigError(f"model.net.image_size={built_for} but the model diffuses {self.x_shape[-1]}x"
+                              f"{self.x_shape[-1]} inputs; {fix}")
         try:
             with torch.no_grad(), eval_mode(self.net):
                 out = self.net(x, torch.zeros(2, dtype=torch.long))
@@ -136,6 +141,7 @@ class Diffusion(GenerativeModel):
         if not isinstance(sampler, Sampler):
             raise ConfigError(f"sampler={sampler!r} is not a sampler; use sampler=ddpm or sampler=ddim "
                               "(conf/sampler/), e.g. sampler=ddim sampler.steps=50.")
+        sampler.timesteps(self.schedule)  # steps within the schedule's T: fail now, not after training or a data pass
         return sampler
 
     # ----------------------------------------------------------------- the sampling interface
@@ -159,6 +165,13 @@ class Diffusion(GenerativeModel):
         """x_T -> image with a deterministic sampler: DDIM with eta = 0 (the default sampler's steps) unless given one."""
         if options:
             raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
+        sampler = self.decode_sampler(sampler)
+        with eval_mode(self.sampling_net(use_ema)) as net:
+            return self.to_image(sampler.sample(self.denoiser(net), self.schedule, z.to(self.device)))
+
+    def decode_sampler(self, sampler: Sampler | None = None) -> Sampler:
+        """The deterministic sampler :meth:`decode` uses: the given one, else the default sampler when it is
+        deterministic, else DDIM with eta = 0 and the default sampler's steps (at most 50) and spacing."""
         if sampler is None:
             default = self.default_sampler
             sampler = default if default.deterministic else DDIMSampler(
@@ -169,19 +182,20 @@ class Diffusion(GenerativeModel):
                 f"mode=interpolate decodes x_T with a deterministic sampler, and {sampler!r} adds noise at every step. "
                 "Use sampler=ddim with sampler.eta=0 (the default for interpolation), or drop sampler=."
             )
-        with eval_mode(self.sampling_net(use_ema)) as net:
-            return self.to_image(sampler.sample(self.denoiser(net), self.schedule, z.to(self.device)))
+        return sampler
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t)
 
-    def sampling_info(self, use_ema: bool | None = None, sampler: Sampler | None = None, **options: Any) -> dict[str, Any]:
+    def sampling_info(self, use_ema: bool | None = None, sampler: Sampler | None = None, mode: str = "sample",
+                      **options: Any) -> dict[str, Any]:
         ema = self.sampling_net(use_ema) is self.net_ema
+        used = self.decode_sampler(sampler) if mode == "decode" else self.check_sampler(sampler)
         return {
             "family": type(self).__name__,
             "weights": "ema" if ema else "raw",
             "ema_decay": self.ema_decay if ema else None,
-            "sampler": self.check_sampler(sampler).describe(),
+            "sampler": used.describe(),
             "schedule": self.schedule.describe(),
             "prediction": self.prediction,
             "ema_updates": int(self.ema_updates),
@@ -225,9 +239,11 @@ class Diffusion(GenerativeModel):
             if name == "val/loss":
                 bucket = (t * T_BUCKETS) // self.schedule.timesteps
                 for b in range(T_BUCKETS):
+                    # Logged on every batch, even with an empty bucket (weight 0), so that under DDP every rank
+                    # joins the same collectives; the epoch value is the sample-weighted mean over all ranks.
                     chosen = loss[bucket == b]
-                    if len(chosen):
-                        self.log(f"val/loss_t{b}", chosen.mean(), sync_dist=True, batch_size=len(chosen))
+                    self.log(f"val/loss_t{b}", chosen.sum() / max(len(chosen), 1), sync_dist=True,
+                             batch_size=len(chosen))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
@@ -243,8 +259,9 @@ class Diffusion(GenerativeModel):
 class LatentDiffusion(Diffusion):
     """Diffusion in the latent space of a frozen, trained ``ae``/``vae`` (``model.first_stage_ckpt``).
 
-    Latents (the encoder's mean) are multiplied by ``latent_scale`` = 1 / std of the first training
-    batch's latents, so the diffusion sees unit-variance data whatever the autoencoder's scale; the
+    Latents (the encoder's mean) are multiplied by ``latent_scale`` = 1 / std of the latents of the first
+    batch the model sees (Lightning's sanity-check validation batch, when it runs one, else the first
+    training batch; both are real images of the data set), so the diffusion sees unit-variance data whatever the autoencoder's scale; the
     factor is a buffer, so it travels in the checkpoint. Samples are decoded by the frozen first stage.
     The first stage's weights are part of this model's state_dict and its config is written into the
     checkpoint, so ``gencli sample`` needs only this checkpoint, not the first stage's file.

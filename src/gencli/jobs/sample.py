@@ -51,7 +51,8 @@ def sample(cfg: DictConfig) -> Path:
 
     write_json(out / "sample.json", {
         "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": cfg.n, "seed": cfg.seed,
-        "sampling": model.sampling_info(**options), "files": sorted(p.name for p in out.iterdir() if p.is_file()),
+        "sampling": model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options),
+        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
         **environment(),
     })
     log.info("wrote %s", written)

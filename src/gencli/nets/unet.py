@@ -20,6 +20,7 @@ as long as it can be halved ``len(ch_mult) - 1`` times.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -27,6 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 
 def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
@@ -118,6 +121,9 @@ class UNet(nn.Module):
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
         levels = len(ch_mult)
+        if not ch_mult or min(ch_mult) < 1 or norm_groups < 1:
+            raise ConfigError(f"model.net: ch_mult={ch_mult}, norm_groups={norm_groups}: need at least one level, every "
+                              "multiplier >= 1 and norm_groups >= 1 (DDPM: ch_mult=[1,2,2,2], norm_groups=32).")
         if image_size < 2 ** (levels - 1) or image_size & (image_size - 1) or image_size < 4:
             raise ConfigError(
                 f"image size {image_size} does not fit the UNet: it needs a power of two that can be halved "
@@ -133,6 +139,13 @@ class UNet(nn.Module):
         out_channels = out_channels or in_channels
         temb_ch = 4 * ch
         attn = {int(r) for r in attn_resolutions}
+        resolutions = [image_size // 2**level for level in range(levels)]
+        if attn - set(resolutions):
+            # A warning, not an error: the named configs fix attention resolutions while image_size follows the data.
+            log.warning("model.net.attn_resolutions=%s: no UNet level at %s for %dx%d images (levels: %s), so "
+                        "only the middle block attends there. Choose among the levels, e.g. "
+                        "model.net.attn_resolutions=[%d].", sorted(attn), sorted(attn - set(resolutions)),
+                        image_size, image_size, resolutions, resolutions[min(1, levels - 1)])
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
