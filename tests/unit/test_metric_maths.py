@@ -171,3 +171,27 @@ def test_every_combination_of_batch_sizes_gives_the_same_fid():
     values = {batch: feed(FIDMetric(), reference_of(real), fake, batch=batch)["fid"] for batch in (1, 7, 100)}
     for a, b in itertools.combinations(values.values(), 2):
         assert a == pytest.approx(b, rel=1e-12)
+
+
+@pytest.mark.parametrize("build, needle", [
+    (lambda: KIDMetric(subsets=0), "metric.kid.subsets=0"),
+    (lambda: KIDMetric(subset_size=1), "metric.kid.subset_size=1"),
+    (lambda: KIDMetric(coef=0), "metric.kid.coef=0"),
+    (lambda: KIDMetric(gamma="big"), "metric.kid.gamma='big'"),
+    (lambda: PRDCMetric(nearest_k=0), "metric.prdc.nearest_k=0"),
+    (lambda: PRDCMetric(chunk=-1), "metric.prdc.chunk=-1"),
+    (lambda: ISMetric(splits=0), "metric.is.splits=0"),
+])
+def test_bad_metric_settings_fail_when_the_metric_is_built(build, needle):
+    from gencli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=needle):
+        build()
+
+
+def test_an_integer_kid_gamma_works_like_the_float():
+    """torchmetrics refuses gamma=1 (an int), which is what a command line like metric.kid.gamma=1 gives."""
+    real, fake = random_sets(2, 40, 30, 4, 0.5)
+    as_int = feed(KIDMetric(subsets=1, subset_size=30, gamma=1), reference_of(real), fake)
+    as_float = feed(KIDMetric(subsets=1, subset_size=30, gamma=1.0), reference_of(real), fake)
+    assert as_int == as_float

@@ -58,6 +58,10 @@ def evaluate(cfg: DictConfig) -> dict:
         cache_dir=Path(str(cfg.paths.cache_dir)).expanduser() if cfg.paths.get("cache_dir") else None,
         save_samples=bool(cfg.get("save_samples", False)),
     )
+    # Resolved before any metric runs, so a bad sampler= or use_ema= fails before the expensive passes.
+    sampling = model.sampling_info(**ctx.sample_options) if model is not None else None
+    if cfg.get("samples"):
+        sampling = None  # the sample metrics score the files; the checkpoint only names the data (and recon)
     ctx.metrics = {name: instantiate(metric_cfg) for name, metric_cfg in cfg.metric.items() if metric_cfg is not None}
     report = {"metrics": {}, "provenance": {}, "files": []}
     for name, metric in ctx.metrics.items():
@@ -68,8 +72,8 @@ def evaluate(cfg: DictConfig) -> dict:
     report["provenance"]["run"] = {
         "ckpt": cfg.get("ckpt"), "samples": cfg.get("samples"), "split": cfg.split, "n": cfg.n, "seed": cfg.seed,
         "data": datamodule.describe() if datamodule is not None else None,
-        "sampling": model.sampling_info(**ctx.sample_options) if model is not None else None,
-        "weights": checkpoint_weights(model, ctx.sample_options) if model is not None else None,
+        "sampling": sampling,
+        "weights": checkpoint_weights(sampling) if sampling is not None else None,
         **environment(),
     }
     path = write_json(ctx.out_dir / "metrics.json", report)
@@ -77,9 +81,8 @@ def evaluate(cfg: DictConfig) -> dict:
     return report
 
 
-def checkpoint_weights(model, options: dict) -> str:
+def checkpoint_weights(info: dict) -> str:
     """'ema' or 'raw': which weights made the samples (families without EMA sample with their raw weights)."""
-    info = model.sampling_info(**options)
     for key in ("weights", "generator", "ema"):
         value = info.get(key)
         if isinstance(value, str) and value in ("ema", "raw"):

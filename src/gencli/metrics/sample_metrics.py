@@ -57,6 +57,18 @@ class PrecomputedFeatures(nn.Module):
         return x
 
 
+def at_least(key: str, value: Any, minimum: float, kind: type = int) -> Any:
+    """``kind(value)`` if it is >= minimum, else a ConfigError naming ``metric.<key>`` (checked when the metric is
+    built, so a bad setting fails before the classifier training and the sample pass)."""
+    try:
+        converted = kind(value)
+    except (TypeError, ValueError):
+        converted = None
+    if converted is None or converted != converted or converted < minimum:
+        raise ConfigError(f"metric.{key}={value!r} must be a number >= {minimum:g}; see conf/metric/ for the defaults.")
+    return converted
+
+
 def metric_suffix(extractor) -> str:
     return "" if extractor.name == "inception" else f"_{extractor.name}"
 
@@ -119,8 +131,10 @@ class KIDMetric(SampleMetric):
 
     def __init__(self, subsets: int = 100, subset_size: int = 1000, degree: int = 3, coef: float = 1.0,
                  gamma: float | None = None):
-        self.subsets, self.subset_size, self.degree = int(subsets), int(subset_size), int(degree)
-        self.coef, self.gamma = float(coef), gamma
+        self.subsets, self.subset_size = at_least("kid.subsets", subsets, 1), at_least("kid.subset_size", subset_size, 2)
+        self.degree = at_least("kid.degree", degree, 1)
+        self.coef = at_least("kid.coef", coef, 1e-12, float)  # torchmetrics wants a float > 0 (an int 1 fails)
+        self.gamma = None if gamma is None else at_least("kid.gamma", gamma, 1e-12, float)
 
     def begin(self, ref: ReferenceStats, n_fake: int) -> None:
         from torchmetrics.image.kid import KernelInceptionDistance
@@ -156,7 +170,7 @@ class ISMetric(SampleMetric):
     needs_logits = True
 
     def __init__(self, splits: int = 10):
-        self.splits = int(splits)
+        self.splits = at_least("is.splits", splits, 1)
 
     def begin(self, ref: ReferenceStats, n_fake: int) -> None:
         from torchmetrics.image.inception import InceptionScore
@@ -187,7 +201,8 @@ class PRDCMetric(SampleMetric):
     name = "prdc"
 
     def __init__(self, nearest_k: int = 5, max_samples: int = 10000, chunk: int = 1024):
-        self.nearest_k, self.max_samples, self.chunk = int(nearest_k), int(max_samples), int(chunk)
+        self.nearest_k = at_least("prdc.nearest_k", nearest_k, 1)
+        self.max_samples, self.chunk = at_least("prdc.max_samples", max_samples, 2), at_least("prdc.chunk", chunk, 1)
 
     def begin(self, ref: ReferenceStats, n_fake: int) -> None:
         self.real = ref.features[: self.max_samples]
