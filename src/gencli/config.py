@@ -37,16 +37,22 @@ def config_groups() -> list[str]:
                   if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
 
 
-def optional_groups(config_name: str) -> set[str]:
-    """Groups that the primary config ``conf/<config_name>.yaml`` leaves unselected (``- sampler: null``)."""
+def primary_defaults(config_name: str) -> dict[str, str | None]:
+    """The groups the primary config ``conf/<config_name>.yaml`` composes, with their default option
+    (None for groups left unselected: ``- sampler: null``)."""
     import yaml
 
     path = config_dir() / f"{config_name}.yaml"
     if not path.is_file():
-        return set()
+        return {}
     defaults = (yaml.safe_load(path.read_text()) or {}).get("defaults", [])
-    return {key.replace("optional ", "").strip() for entry in defaults if isinstance(entry, dict)
-            for key, value in entry.items() if value is None}
+    return {key.replace("optional ", "").strip(): value for entry in defaults if isinstance(entry, dict)
+            for key, value in entry.items()}
+
+
+def optional_groups(config_name: str) -> set[str]:
+    """Groups that the primary config ``conf/<config_name>.yaml`` leaves unselected (``- sampler: null``)."""
+    return {key for key, value in primary_defaults(config_name).items() if value is None}
 
 
 def check_group_overrides(overrides: list[str], config_name: str | None = None) -> None:
@@ -54,6 +60,17 @@ def check_group_overrides(overrides: list[str], config_name: str | None = None) 
     inside a group (``sampler.steps=20``) that ``config_name`` leaves unselected unless it is chosen too."""
     groups = set(config_groups())
     chosen = {arg.split("=", 1)[0].lstrip("+~") for arg in overrides if "=" in arg and not arg.startswith("-")}
+    own = primary_defaults(config_name) if config_name else {}
+    plain = {arg.split("=", 1)[0].lstrip("~") for arg in overrides if "=" in arg and arg[0] not in "-+"}
+    for key in sorted(plain):  # (+group=option appends a group on purpose)
+        if own and key in groups and "/" not in key and key not in own and key != "hydra":
+            hint = (" In training, a diffusion model's default sampler is set with sampler@model.sampler=ddpm "
+                    "(or ddim), e.g. sampler@model.sampler=ddpm model.sampler.steps=100."
+                    if key == "sampler" and config_name == "train" else "")
+            raise ConfigError(
+                f"{key}= is not an option of gencli {config_name}: its config groups are {', '.join(sorted(own))} "
+                f"(conf/{config_name}.yaml).{hint}"
+            )
     for key in sorted(optional_groups(config_name) if config_name else ()):
         inner = next((arg for arg in overrides if arg.lstrip("+~").startswith(f"{key}.")), None)
         if inner is not None and key not in chosen:

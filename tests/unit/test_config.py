@@ -109,6 +109,19 @@ def test_unknown_group_option_is_a_config_error():
     check_group_overrides(["model=vae", "model.beta=4", "data=choice(digits,mnist)", "+experiment=vae_mnist"])
 
 
+def test_a_group_the_job_does_not_compose_is_a_config_error():
+    # sampler= belongs to sample/eval; in training the nested default sampler is the way
+    with pytest.raises(ConfigError, match=r"sampler= is not an option of gencli train.*sampler@model.sampler=ddpm"):
+        check_group_overrides(["model=ddpm", "sampler=ddpm"], config_name="train")
+    with pytest.raises(ConfigError, match=r"model= is not an option of gencli sample: its config groups are"):
+        check_group_overrides(["ckpt=x.ckpt", "model=vae"], config_name="sample")
+    for ok, name in ((["model=ddpm", "sampler@model.sampler=ddpm", "model/net=unet_cpu"], "train"),
+                     (["ckpt=x", "sampler=ddim", "sampler.steps=20", "data=mnist"], "sample"),
+                     (["ckpt=x", "metric=[fid,kid]", "features=domain"], "eval"),
+                     (["+logger=tensorboard"], "sample")):
+        check_group_overrides(ok, config_name=name)
+
+
 def test_conf_dir_is_the_checkout_conf():
     assert (config_dir() / "train.yaml").is_file()
     assert Path(config_dir()).name == "conf"
