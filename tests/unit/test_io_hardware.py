@@ -80,3 +80,14 @@ def test_keep_freed_memory_applies_on_glibc():
     from gencli.hardware import keep_freed_memory
 
     assert keep_freed_memory() is (platform.system() == "Linux" and platform.libc_ver()[0] == "glibc")
+
+
+@pytest.mark.parametrize("max_epochs, expected", [(-1, "Epoch 14"), (30, "Epoch 14/29")])
+def test_progress_bar_epoch_text_for_open_ended_runs(max_epochs, expected):
+    from types import SimpleNamespace
+
+    from gencli.callbacks import TrainingProgressBar
+
+    bar = TrainingProgressBar()
+    bar._trainer = SimpleNamespace(max_epochs=max_epochs)
+    assert bar._get_train_description(14).strip() == expected
