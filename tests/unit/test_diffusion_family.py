@@ -185,6 +185,7 @@ def test_decode_is_deterministic_ddim_and_refuses_noisy_samplers():
         model.decode(z, sampler=DDIMSampler(eta=0.5))
     # the provenance of an interpolation names the sampler decode used, not the noisy default
     assert model.sampling_info()["sampler"]["name"] == "ddpm"
+    assert model.sampling_info()["sampler"]["steps"] == 100  # steps=null walks all T, and says how many
     decoded_with = model.sampling_info(mode="decode")["sampler"]
     assert decoded_with["name"] == "ddim" and decoded_with["eta"] == 0.0 and decoded_with["steps"] == 50
 

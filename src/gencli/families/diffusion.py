@@ -195,7 +195,8 @@ class Diffusion(GenerativeModel):
             "family": type(self).__name__,
             "weights": "ema" if ema else "raw",
             "ema_decay": self.ema_decay if ema else None,
-            "sampler": used.describe(),
+            # steps as walked (a sampler with steps=null walks all T)
+            "sampler": {**used.describe(), "steps": len(used.timesteps(self.schedule))},
             "schedule": self.schedule.describe(),
             "prediction": self.prediction,
             "ema_updates": int(self.ema_updates),
