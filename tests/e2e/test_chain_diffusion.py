@@ -56,7 +56,7 @@ def test_sample_with_each_sampler(trained, sampler):
     images = np.load(out / "samples.npz")["images"]
     assert images.shape == (int(n[2:]), 8, 8, 1) and images.dtype == np.uint8
     info = json.loads((out / "sample.json").read_text())["sampling"]
-    expected = {"ddpm": ("ddpm", None), "ddim": ("ddim", 4)}.get(sampler[0].split("=")[1] if sampler else "", ("ddim", 5))
+    expected = {"ddpm": ("ddpm", 1000), "ddim": ("ddim", 4)}.get(sampler[0].split("=")[1] if sampler else "", ("ddim", 5))
     assert (info["sampler"]["name"], info["sampler"]["steps"]) == expected
     assert info["weights"] == "ema"
     if sampler != ["sampler=ddpm"]:  # the same seed gives the same images (DDPM-1000 is too slow to run twice)
