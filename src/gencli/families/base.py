@@ -90,28 +90,41 @@ class GenerativeModel(L.LightningModule):
         return torch.randn(shape, generator=generator, device=device).to(self.device)
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        optimizer = self.optimizer_factory(params=[p for p in self.parameters() if p.requires_grad])
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizers_from_factories(self, self.optimizer_factory, self.scheduler_factory, interval="step")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from gencli import __version__
+        record_gencli_checkpoint(self, checkpoint)
 
-        # Hydra hands constructors OmegaConf containers; turn them into plain lists/dicts so the
-        # checkpoint loads with torch.load(weights_only=True).
-        if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
 
-        checkpoint["gencli"] = {
-            "version": __version__,
-            "config": self.run_config,
-            "image_shape": list(self.image_shape),
-            "family": type(self).__name__,
-        }
+def optimizers_from_factories(module: L.LightningModule, optimizer_factory: Callable | None,
+                              scheduler_factory: Callable | None, interval: str):
+    """Lightning's configure_optimizers from the config's ``_partial_`` optimizer/scheduler (Adam 1e-3 when
+    none is configured); frozen parameters (an LDM's first stage) are left out."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    if optimizer_factory is None:
+        return torch.optim.Adam(params, lr=1e-3)
+    optimizer = optimizer_factory(params=params)
+    if scheduler_factory is None:
+        return optimizer
+    scheduler = scheduler_factory(optimizer=optimizer)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def record_gencli_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any], **extra: Any) -> None:
+    """What ``gencli sample/eval ckpt=`` needs to rebuild a module, written into its checkpoint."""
+    from gencli import __version__
+
+    # Hydra hands constructors OmegaConf containers; turn them into plain lists/dicts so the
+    # checkpoint loads with torch.load(weights_only=True).
+    if "hyper_parameters" in checkpoint:
+        checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
+    checkpoint["gencli"] = {
+        "version": __version__,
+        "config": module.run_config,
+        "image_shape": list(module.image_shape),
+        "family": type(module).__name__,
+        **extra,
+    }
 
 
 def plain(value: Any) -> Any:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
+from gencli.families.base import optimizers_from_factories, record_gencli_checkpoint
 
 
 def random_shift(x: Tensor, shift: int, generator: torch.Generator | None = None) -> Tensor:
@@ -107,26 +108,10 @@ class Classifier(L.LightningModule):
         self.log("val/acc", (logits.argmax(1) == y).float().mean(), prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self):
-        if self.optimizer_factory is None:
-            return torch.optim.Adam(self.parameters(), lr=1e-3)
-        optimizer = self.optimizer_factory(params=self.parameters())
-        if self.scheduler_factory is None:
-            return optimizer
-        scheduler = self.scheduler_factory(optimizer=optimizer)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
+        # its cosine schedule counts epochs (conf/model/classifier.yaml)
+        return optimizers_from_factories(self, self.optimizer_factory, self.scheduler_factory, interval="epoch")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        from gencli import __version__
-        from gencli.families.base import plain
-
-        if "hyper_parameters" in checkpoint:
-            checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
         val_acc = self.trainer.callback_metrics.get("val/acc") if self._trainer is not None else None
-        checkpoint["gencli"] = {
-            "version": __version__,
-            "config": self.run_config,
-            "image_shape": list(self.image_shape),
-            "family": type(self).__name__,
-            # the held-out accuracy at save time, recorded in every metrics.json that uses these features
-            "val_acc": float(val_acc) if val_acc is not None else None,
-        }
+        # the held-out accuracy at save time, recorded in every metrics.json that uses these features
+        record_gencli_checkpoint(self, checkpoint, val_acc=float(val_acc) if val_acc is not None else None)
