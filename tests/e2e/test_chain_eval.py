@@ -101,9 +101,11 @@ def test_samples_npz_and_dir_chains_match_the_ckpt_chain(vae_run, ckpt_eval):
     pngs.mkdir()
     for i, image in enumerate(np.load(npz)["images"]):
         Image.fromarray(image[..., 0]).save(pngs / f"{i:04d}.png")
-    from_dir, _ = run_eval(root, "eval_dir", f"samples={pngs}", "data=digits", "metric=[fid,kid,is,prdc]", "n=0",
+    # with ckpt= beside samples=, the checkpoint names the data set and the files are what is scored
+    from_dir, _ = run_eval(root, "eval_dir", f"samples={pngs}", f"ckpt={ckpt}", "metric=[fid,kid,is,prdc]", "n=0",
                            "batch_size=50", "save_samples=true")
     assert from_dir["metrics"] == from_ckpt
+    assert from_dir["provenance"]["run"]["sampling"] is None and from_dir["provenance"]["run"]["weights"] is None
     saved = np.load(root / "eval_dir" / "samples.npz")["images"]
     np.testing.assert_array_equal(saved, np.load(npz)["images"])
 
