@@ -202,6 +202,8 @@ def test_bad_family_settings():
         tiny_diffusion(ema_decay=1.5)
     with pytest.raises(ConfigError, match="model.grad_clip=0"):
         tiny_diffusion(grad_clip=0)
+    with pytest.raises(ConfigError, match="model.min_snr_gamma=0"):
+        tiny_diffusion(min_snr_gamma=0)
     # more sampling steps than training timesteps: refused when the model is built, not at the first sample grid
     with pytest.raises(ConfigError, match="sampler.steps=500 must be between 1 and the model's 100"):
         tiny_diffusion(sampler=DDIMSampler(steps=500))
@@ -292,3 +294,17 @@ def test_latent_diffusion_refuses_another_image_size(compose_cfg, tiny_ae_ckpt):
     cfg = compose_cfg("train", ["model=ldm", f"model.first_stage_ckpt={ae_path}", "data=digits", "data.image_size=16"])
     with pytest.raises(Exception, match="data.image_size=8"):
         instantiate(cfg.model)
+
+
+def test_min_snr_gamma_weights_the_training_loss_only():
+    x = torch.rand(16, 1, 8, 8) * 2 - 1
+    plain, weighted = tiny_diffusion(), tiny_diffusion(min_snr_gamma=1.0)
+    torch.manual_seed(0)
+    loss_plain = plain.training_step((x, None), 0)
+    torch.manual_seed(0)  # the same t and noise
+    loss_weighted = weighted.training_step((x, None), 0)
+    # eps weights min(SNR, gamma) / SNR are <= 1 and < 1 wherever SNR > gamma
+    assert loss_weighted < loss_plain
+    torch.manual_seed(0)
+    _, t = plain.per_sample_loss(x, plain.net)
+    assert (plain.schedule.alphas_cumprod[t] / (1 - plain.schedule.alphas_cumprod[t]) > 1).any()

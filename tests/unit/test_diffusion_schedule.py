@@ -131,3 +131,17 @@ def test_unset_linear_betas_are_ddpms_scaled_to_the_number_of_steps():
     assert short.beta_start == pytest.approx(1e-3) and short.beta_end == pytest.approx(0.2)
     # both end in near pure noise, so sampling from N(0, I) matches what the net was trained on
     assert ddpm.alphas_cumprod[-1] < 1e-4 and short.alphas_cumprod[-1] < 1e-4
+
+
+def test_min_snr_weights_for_each_target():
+    s = NoiseSchedule("linear", 1000)
+    t = torch.tensor([0, 100, 500, 999])
+    like = torch.zeros(4, 1, 2, 2, dtype=torch.float64)
+    snr = s.alphas_cumprod[t] / (1 - s.alphas_cumprod[t])
+    gamma = 5.0
+    expected_x0 = torch.minimum(snr, torch.tensor(gamma, dtype=torch.float64))
+    torch.testing.assert_close(s.min_snr_weight("x0", t, gamma, like), expected_x0)
+    torch.testing.assert_close(s.min_snr_weight("eps", t, gamma, like), expected_x0 / snr)
+    torch.testing.assert_close(s.min_snr_weight("v", t, gamma, like), expected_x0 / (snr + 1))
+    eps = s.min_snr_weight("eps", t, gamma, like)
+    assert eps[0] < 1e-3 and eps[-1] == 1  # easy low-noise steps are down-weighted, noisy ones keep weight 1

@@ -157,6 +157,19 @@ class NoiseSchedule:
             return self.v_from(x0, eps, t)
         raise ConfigError(f"model.prediction={prediction!r} is not known; use one of {', '.join(PREDICTIONS)}.")
 
+    def min_snr_weight(self, prediction: str, t: Tensor, gamma: float, like: Tensor) -> Tensor:
+        """Per-sample loss weights of Min-SNR-gamma (Hang et al. 2023), shape (N,): the x0-space weight
+        min(SNR_t, gamma) expressed for the target actually predicted (eps: / SNR; v: / (SNR + 1); x0: as is).
+        It stops the low-noise timesteps, which are easy, from dominating the gradient."""
+        alpha_bar = self.at(self.alphas_cumprod, t, like).flatten()
+        snr = alpha_bar / (1 - alpha_bar)
+        clipped = snr.clamp(max=gamma)
+        if prediction == "eps":
+            return clipped / snr
+        if prediction == "v":
+            return clipped / (snr + 1)
+        return clipped
+
     def split_prediction(self, prediction: str, output: Tensor, xt: Tensor, t: Tensor,
                          clip_x0: bool = False) -> tuple[Tensor, Tensor]:
         """Network output -> (x0_hat, eps_hat), whatever it was trained to predict.

@@ -66,6 +66,7 @@ class Diffusion(GenerativeModel):
         prediction: str = "eps",
         ema_decay: float | None = 0.9999,
         grad_clip: float | None = 1.0,
+        min_snr_gamma: float | None = None,
         monitor: str = "val/loss",
         monitor_mode: str = "min",
         x_shape: tuple[int, ...] | None = None,
@@ -84,6 +85,10 @@ class Diffusion(GenerativeModel):
         self.ema_decay = check_decay(ema_decay)
         self.net_ema = ema_copy(net) if self.ema_decay is not None else None
         self.grad_clip = grad_clip
+        if min_snr_gamma is not None and not min_snr_gamma > 0:
+            raise ConfigError(f"model.min_snr_gamma={min_snr_gamma} must be > 0 (Hang et al. use 5), or null for "
+                              "DDPM's unweighted loss.")
+        self.min_snr_gamma = None if min_snr_gamma is None else float(min_snr_gamma)
         #: The shape the diffusion runs on: the image itself here, the first stage's latent for LDM.
         self.x_shape = tuple(x_shape or self.image_shape)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
@@ -213,7 +218,10 @@ class Diffusion(GenerativeModel):
         return (net(x_t, t) - target).pow(2).flatten(1).mean(1), t
 
     def training_step(self, batch, batch_idx):
-        loss, _ = self.per_sample_loss(self.to_x(batch[0]), self.net)
+        x0 = self.to_x(batch[0])
+        loss, t = self.per_sample_loss(x0, self.net)
+        if self.min_snr_gamma is not None:  # training only: val/loss stays DDPM's simple loss, comparable across runs
+            loss = loss * self.schedule.min_snr_weight(self.prediction, t, self.min_snr_gamma, x0)
         loss = loss.mean()
         self.log("train/loss", loss, prog_bar=True)
         return loss
