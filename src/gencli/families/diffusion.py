@@ -34,7 +34,7 @@ from gencli.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler
 from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
-from gencli.families.ema import check_decay, ema_copy, ema_update
+from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
 
 #: Validation losses are also reported per quarter of the timestep range (t in [0, T/4), ...).
 T_BUCKETS = 4
@@ -125,12 +125,7 @@ class Diffusion(GenerativeModel):
 
     # ----------------------------------------------------------------- the denoiser
     def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
-        if use_ema is None:
-            use_ema = self.net_ema is not None
-        if use_ema and self.net_ema is None:
-            raise ConfigError("use_ema=true, but this model keeps no EMA weights (trained with model.ema_decay=null). "
-                              "Drop use_ema= or use use_ema=false.")
-        return self.net_ema if use_ema else self.net
+        return pick_weights(self.net, self.net_ema, use_ema, "EMA weights")
 
     def denoiser(self, net: nn.Module) -> Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]:
         """``denoise(x_t, t, clip) -> (x0_hat, eps_hat)`` for the samplers."""

@@ -42,3 +42,14 @@ def ema_update(ema: nn.Module, net: nn.Module, decay: float, updates: int) -> fl
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
     return d
+
+
+def pick_weights(raw: nn.Module, ema: nn.Module | None, use_ema: bool | None, what: str) -> nn.Module:
+    """The net that samples: the EMA copy by default when there is one, the raw net with use_ema=false;
+    ``what`` names the family's EMA net in the error for use_ema=true without one."""
+    if use_ema is None:
+        use_ema = ema is not None
+    if use_ema and ema is None:
+        raise ConfigError(f"use_ema=true, but this model keeps no {what} (it was trained with model.ema_decay=null). "
+                          "Drop use_ema= or use use_ema=false.")
+    return ema if use_ema else raw

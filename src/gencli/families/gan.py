@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
-from gencli.families.ema import check_decay, ema_copy, ema_update
+from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
 
 LOSSES = ("bce", "wgan_gp", "hinge")
 
@@ -184,12 +184,7 @@ class GAN(GenerativeModel):
         return self.randn((n, self.latent_dim), generator)
 
     def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
-        if use_ema is None:
-            use_ema = self.generator_ema is not None
-        if use_ema and self.generator_ema is None:
-            raise ConfigError("use_ema=true, but this GAN keeps no EMA generator (it was trained with "
-                              "model.ema_decay=null). Drop use_ema= or use use_ema=false.")
-        return self.generator_ema if use_ema else self.generator
+        return pick_weights(self.generator, self.generator_ema, use_ema, "EMA generator")
 
     @staticmethod
     def check_truncation(truncation: float | None) -> float | None:
