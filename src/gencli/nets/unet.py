@@ -143,7 +143,7 @@ class UNet(nn.Module):
         if attn - set(resolutions):
             # A warning, not an error: the named configs fix attention resolutions while image_size follows the data.
             log.warning("model.net.attn_resolutions=%s: no UNet level at %s for %dx%d images (levels: %s), so "
-                        "only the middle block attends there. Choose among the levels, e.g. "
+                        "no block attends at that size (the middle block always attends). Choose among the levels, e.g. "
                         "model.net.attn_resolutions=[%d].", sorted(attn), sorted(attn - set(resolutions)),
                         image_size, image_size, resolutions, resolutions[min(1, levels - 1)])
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
