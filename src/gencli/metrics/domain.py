@@ -11,7 +11,9 @@ split it was trained on, image shape, seed and training recipe) under
 ``<cache_dir>/domain/<data>-<hash>/``: ``classifier.pt`` (a state_dict and the net's arguments, plain
 tensors and data, loadable with ``weights_only=True``) and ``manifest.json`` (the key, the held-out
 accuracy, the file's sha256, the training time). The manifest is written last, so an interrupted
-training leaves no entry that looks complete.
+training leaves no entry that looks complete. An entry that cannot be read back (a manifest that is
+not JSON or lacks a field, a truncated or garbled ``classifier.pt``) is a miss: a warning names it,
+and the classifier is trained again and written over it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import hashlib
 import json
 import logging
 import math
+import pickle
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,14 @@ log = logging.getLogger(__name__)
 
 #: Bump when the training recipe or the nets change in a way that changes the features.
 RECIPE_VERSION = 1
+
+#: The manifest fields a cache hit reads, and their types.
+MANIFEST_FIELDS = {"weights_sha256": str, "held_out_accuracy": (int, float), "n_train": int, "n_held_out": int,
+                   "arch": str}
+#: What a truncated or garbled classifier.pt raises in torch.load or when its state_dict is applied
+#: (RuntimeError: torch's zip reader and load_state_dict; UnpicklingError: weights_only refusing it).
+UNREADABLE_WEIGHTS = (RuntimeError, pickle.UnpicklingError, EOFError, OSError, ValueError, KeyError, TypeError,
+                      AttributeError, zipfile.BadZipFile)
 
 
 def key_hash(key: dict) -> str:
@@ -156,15 +168,34 @@ class DomainClassifierCache:
         manifest_path, weights = entry / "manifest.json", entry / "classifier.pt"
         if not (manifest_path.is_file() and weights.is_file()):
             return None
-        manifest = json.loads(manifest_path.read_text())
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError) as err:  # ValueError: JSONDecodeError and UnicodeDecodeError
+            log.warning("domain classifier cache entry %s has an unreadable manifest.json (%s: %s); retraining and "
+                        "overwriting the entry", entry, type(err).__name__, err)
+            return None
+        if not isinstance(manifest, dict):
+            log.warning("domain classifier cache entry %s has a manifest.json that is not an object; retraining", entry)
+            return None
         if manifest.get("key") != json.loads(json.dumps(self.key(datamodule), default=str)):
             return None
-        if file_sha256(weights) != manifest.get("weights_sha256"):
+        broken = [name for name, kind in MANIFEST_FIELDS.items() if not isinstance(manifest.get(name), kind)]
+        if broken:
+            log.warning("domain classifier cache entry %s has a manifest.json without valid %s; retraining and "
+                        "overwriting the entry", entry, ", ".join(broken))
+            return None
+        if file_sha256(weights) != manifest["weights_sha256"]:
             log.warning("domain classifier cache entry %s is corrupt (sha256 mismatch); retraining", entry)
             return None
-        stored = torch.load(weights, map_location="cpu", weights_only=True)
-        module = Classifier(ClassifierNet(**stored["net_args"]), image_shape=stored["image_shape"], shift=stored["shift"])
-        module.net.load_state_dict(stored["state_dict"])
+        try:
+            stored = torch.load(weights, map_location="cpu", weights_only=True)
+            module = Classifier(ClassifierNet(**stored["net_args"]), image_shape=stored["image_shape"],
+                                shift=stored["shift"])
+            module.net.load_state_dict(stored["state_dict"])
+        except UNREADABLE_WEIGHTS as err:
+            log.warning("domain classifier cache entry %s has an unreadable classifier.pt (%s: %s); retraining and "
+                        "overwriting the entry", entry, type(err).__name__, str(err).splitlines()[0][:200] if str(err) else "")
+            return None
         return module.to(device).eval(), manifest
 
     def train(self, datamodule, device: torch.device):

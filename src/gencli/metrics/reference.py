@@ -12,6 +12,9 @@ identity (name, weights sha256, input transform) and n, so any change to those m
 
 On a hit nothing touches the data set: the data module is never set up (its files are not read).
 The manifest is written after the arrays, so an interrupted run leaves no entry that looks complete.
+An entry that cannot be read back whole (a truncated or garbled ``stats.npz``, a manifest that is
+not JSON, arrays of the wrong shape or type) is a miss: a warning names it, and the statistics are
+recomputed and written over it.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from __future__ import annotations
 import json
 import logging
 import time
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,13 @@ from gencli.progress import track_batches
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
+
+#: What a truncated or garbled entry raises while being read (KeyError: an array is missing).
+UNREADABLE_ENTRY = (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, zipfile.BadZipFile, zlib.error)
+
+
+class CorruptEntry(ValueError):
+    """A cache entry whose files parse but do not hold what gencli wrote."""
 
 
 @dataclass
@@ -95,6 +107,36 @@ def compute_reference(datamodule, split: str, extractor, n: int | None, batch_si
     return total, feature_sum.numpy(), outer_sum.numpy(), torch.cat(bank)
 
 
+def read_entry(entry: Path, plain_key: dict, feature_dim: int = 0) -> ReferenceStats | None:
+    """The statistics stored in ``entry``, or None when it belongs to another key.
+
+    Everything is checked before it is trusted: a silently wrong FID is worse than a recomputation.
+    Raises one of :data:`UNREADABLE_ENTRY` when the files are damaged.
+    """
+    manifest = json.loads((entry / "manifest.json").read_text())
+    if not isinstance(manifest, dict):
+        raise CorruptEntry(f"manifest.json holds a {type(manifest).__name__}, not an object")
+    if manifest.get("key") != plain_key:
+        return None
+    with np.load(entry / "stats.npz") as stats:  # allow_pickle stays off: only plain arrays load
+        n, feature_sum, outer_sum, features = (stats[name] for name in ("n", "feature_sum", "outer_sum", "features"))
+    if n.shape != () or n.dtype.kind not in "iu" or int(n) < 2:
+        raise CorruptEntry(f"n is {n!r}, not a count of at least 2 images")
+    n, d = int(n), features.shape[-1] if features.ndim == 2 else -1
+    expected = {"feature_sum": (feature_sum, (d,), np.float64), "outer_sum": (outer_sum, (d, d), np.float64),
+                "features": (features, (n, d), np.float32)}
+    for name, (array, shape, dtype) in expected.items():
+        if array.shape != shape or array.dtype != dtype:
+            raise CorruptEntry(f"{name} has shape {array.shape} and type {array.dtype}, expected {shape} {np.dtype(dtype)}")
+    if manifest.get("feature_dim") != d or manifest.get("n_real") != n or (feature_dim and feature_dim != d):
+        raise CorruptEntry(f"the arrays hold {n} x {d} features but the manifest says {manifest.get('n_real')} x "
+                           f"{manifest.get('feature_dim')}")
+    if not (np.isfinite(feature_sum).all() and np.isfinite(outer_sum).all() and np.isfinite(features).all()):
+        raise CorruptEntry("the arrays hold non-finite values")
+    return ReferenceStats(n=n, feature_sum=feature_sum, outer_sum=outer_sum, features=torch.from_numpy(features),
+                          key=plain_key, cache="hit", path=str(entry))
+
+
 def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir: str | Path | None,
                     batch_size: int = 256, use_cache: bool = True) -> ReferenceStats:
     """Reference statistics from the cache, or computed (and stored when ``use_cache``)."""
@@ -103,12 +145,13 @@ def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir:
     entry = entry_dir(cache_dir, datamodule, split, extractor, key) if cache_dir else None
     start = time.perf_counter()
     if use_cache and entry is not None and (entry / "manifest.json").is_file() and (entry / "stats.npz").is_file():
-        manifest = json.loads((entry / "manifest.json").read_text())
-        if manifest.get("key") == plain_key:
-            with np.load(entry / "stats.npz") as stats:
-                ref = ReferenceStats(n=int(stats["n"]), feature_sum=stats["feature_sum"], outer_sum=stats["outer_sum"],
-                                     features=torch.from_numpy(stats["features"]), key=plain_key, cache="hit",
-                                     path=str(entry))
+        try:
+            ref = read_entry(entry, plain_key, getattr(extractor, "feature_dim", 0))
+        except UNREADABLE_ENTRY as err:
+            log.warning("reference statistics cache entry %s is truncated or corrupt (%s: %s); recomputing it and "
+                        "overwriting the entry", entry, type(err).__name__, err)
+            ref = None
+        if ref is not None:
             ref.seconds = time.perf_counter() - start
             log.info("reference statistics: cache hit (%s)", entry)
             return ref

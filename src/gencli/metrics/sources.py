@@ -128,15 +128,13 @@ class FileSource(ImageSource):
         return array
 
     def decode(self, path: Path) -> np.ndarray:
-        from PIL import Image, UnidentifiedImageError
+        """One file as uint8 HxWxC with the channels it holds (check_shape decides what fits)."""
+        from gencli.data.folder import UnreadableImage, read_image_uint8
 
         try:
-            with Image.open(path) as img:
-                gray = img.mode in ("L", "1", "I", "I;16", "F") or (img.mode == "P" and img.palette.mode == "L")
-                array = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            raise ConfigError(f"samples={self.path}: {path} is not a readable image ({err}).") from err
-        return array[..., None] if array.ndim == 2 else array
+            return read_image_uint8(path)
+        except UnreadableImage as err:
+            raise ConfigError(f"samples={self.path}: {err}. Replace or remove that file.") from err
 
     def check_shape(self, batch: np.ndarray) -> None:
         _, h, w, c = batch.shape
