@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,8 +21,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
-
-from gencli.errors import ConfigError
 
 
 @contextlib.contextmanager
@@ -121,67 +121,154 @@ def auto_scale(image_size: int) -> int:
     return max(1, 64 // image_size)
 
 
-# ----------------------------------------------------------------------------- checkpoints
-def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
-    """Load a gencli checkpoint with ``weights_only=True`` (no arbitrary pickles) and check it."""
-    path = Path(str(path)).expanduser()
-    if not path.exists():
-        raise ConfigError(
-            f"ckpt={path} does not exist. Give the path of a checkpoint written by 'gencli train', "
-            "e.g. ckpt=outputs/train/runs/<date>/checkpoints/last.ckpt (each train run prints it)."
-        )
-    if path.is_dir():
-        candidates = sorted(path.rglob("last.ckpt"))
-        hint = f" such as ckpt={candidates[0]}" if candidates else ""
-        raise ConfigError(f"ckpt={path} is a directory, not a checkpoint file; give a .ckpt file{hint}.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # pickle, zip, EOF, IndexError on text...: all mean "not a checkpoint"
-        unsafe = [line.strip() for line in str(err).splitlines() if "Unsupported global" in line]
-        if unsafe:
-            raise ConfigError(
-                f"ckpt={path} holds pickled Python objects besides tensors and plain data "
-                f"({unsafe[0].split('WeightsUnpickler error: ')[-1][:160]}), so gencli will not load it: "
-                "loading with weights_only=True is what keeps a downloaded checkpoint from running code. "
-                "Give a .ckpt written by this version of 'gencli train'."
-            ) from err
-        raise ConfigError(
-            f"ckpt={path} is not a readable PyTorch checkpoint ({type(err).__name__}: "
-            f"{str(err).splitlines()[0][:200] if str(err) else 'unreadable'}). Give a .ckpt written by "
-            "'gencli train'; a truncated file usually means the run was killed while saving, so use the "
-            "run's other checkpoint (last.ckpt or best-*.ckpt)."
-        ) from err
-    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ConfigError(
-            f"ckpt={path} loads, but holds no model state_dict, so it is not a Lightning checkpoint. "
-            "Give a .ckpt written by 'gencli train'."
-        )
-    meta = checkpoint.get("gencli")
-    if not isinstance(meta, dict) or not meta.get("config"):
-        raise ConfigError(
-            f"ckpt={path} is a Lightning checkpoint but was not written by 'gencli train' (it carries no "
-            "gencli config), so the model cannot be rebuilt from it. Train with gencli, or load it in Python."
-        )
-    return checkpoint
+def _check_batch(images: np.ndarray, shape: tuple[int, ...], written: int, what: str) -> np.ndarray:
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != len(shape) or tuple(images.shape[1:]) != tuple(shape[1:]):
+        raise ValueError(f"{what} takes uint8 batches of shape (b, {', '.join(map(str, shape[1:]))}); "
+                         f"got {images.dtype} {images.shape}")
+    if written + len(images) > shape[0]:
+        raise ValueError(f"{what} was opened for {shape[0]} images; {written + len(images)} were written")
+    return np.ascontiguousarray(images)
 
 
-def restore_model(path: str | os.PathLike):
-    """Rebuild the model a checkpoint was trained with, from the config it carries, and load its weights.
+class NpzImageWriter:
+    """Stream uint8 NHWC images, batch by batch, into an .npz holding one array ``key`` of shape (n, H, W, C).
 
-    Returns (model in eval mode on CPU, checkpoint dict). Nothing but the checkpoint is needed.
+    An .npz is a zip of .npy files, so this writes what ``np.savez_compressed(path, images=all_images)``
+    would (``np.load(path)["images"]`` reads it) without ever holding more than one batch: the .npy header
+    for the final shape goes first, then each batch's bytes, into one ZIP_DEFLATED zip entry (zip64, so
+    archives past 4 GiB work). The archive is a temp file beside ``path`` until :meth:`close` has seen
+    exactly ``n`` images, then it is renamed into place; :meth:`abort` (or an exception inside a ``with``
+    block) deletes it, so an interrupted run never leaves an ``.npz`` that looks complete.
     """
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
 
-    checkpoint = load_checkpoint(path)
-    config = OmegaConf.create(checkpoint["gencli"]["config"])
-    model = instantiate(config.model)
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
-    if missing or unexpected:
-        raise ConfigError(
-            f"ckpt={path} does not match the model its own config builds (missing {list(missing)[:5]}, "
-            f"unexpected {list(unexpected)[:5]}): it was probably written by an incompatible gencli version "
-            f"({checkpoint['gencli'].get('version')})."
-        )
-    model.run_config = checkpoint["gencli"]["config"]
-    return model.eval(), checkpoint
+    def __init__(self, path: str | os.PathLike, n: int, image_shape: tuple[int, ...], key: str = "images",
+                 compress: bool = True):
+        self.path = Path(path)
+        self.shape = (int(n), *(int(s) for s in image_shape))
+        self.written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        self._file = self._zip = self._entry = None
+        try:
+            os.chmod(self._tmp, 0o666 & ~_UMASK)
+            self._file = os.fdopen(fd, "wb")
+            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_DEFLATED if compress else
+                                        zipfile.ZIP_STORED, allowZip64=True)
+            self._entry = self._zip.open(f"{key}.npy", "w", force_zip64=True)
+            header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False,
+                      "shape": self.shape}
+            np.lib.format.write_array_header_1_0(self._entry, header)
+        except BaseException:
+            if self._file is None:
+                os.close(fd)
+            self.abort()
+            raise
+
+    def write(self, images: np.ndarray) -> None:
+        images = _check_batch(images, self.shape, self.written, "NpzImageWriter")
+        self._entry.write(memoryview(images).cast("B"))
+        self.written += len(images)
+
+    def close(self) -> Path:
+        """Finish the archive and rename it to ``path``; refused (and deleted) unless all ``n`` images came."""
+        if self.written != self.shape[0]:
+            self.abort()
+            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images were written; not saved")
+        try:
+            self._entry.close()
+            self._zip.close()
+            self._file.close()
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+        return self.path
+
+    def abort(self) -> None:
+        """Drop the unfinished archive (nothing is left at ``path`` or beside it)."""
+        for part in (self._entry, self._zip, self._file):
+            with contextlib.suppress(Exception):
+                if part is not None:
+                    part.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._tmp)
+
+    def __enter__(self) -> NpzImageWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def png_name(index: int, n: int) -> str:
+    """The file name of image ``index`` of ``n``: zero-padded to 6 digits (more when n > 10**6), so names sort
+    in index order: 000000.png, 000001.png, ..."""
+    return f"{index:0{max(6, len(str(max(n - 1, 0))))}d}.png"
+
+
+class PngFolderWriter:
+    """Write uint8 NHWC images as one PNG per image, named by index (:func:`png_name`), into a folder ``path``.
+
+    The files go into a temp folder beside ``path``, renamed to ``path`` by :meth:`close` once all ``n``
+    images are in it (a folder already at ``path`` is replaced); :meth:`abort` (or an exception inside a
+    ``with`` block) deletes the temp folder, so an interrupted run leaves no ``path`` that looks complete.
+    """
+
+    def __init__(self, path: str | os.PathLike, n: int, image_shape: tuple[int, ...]):
+        self.path = Path(path)
+        self.shape = (int(n), *(int(s) for s in image_shape))
+        self.written = 0
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
+        os.chmod(self._tmp, 0o777 & ~_UMASK)
+
+    def write(self, images: np.ndarray) -> None:
+        images = _check_batch(images, self.shape, self.written, "PngFolderWriter")
+        for image in images:
+            pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+            pil.save(self._tmp / png_name(self.written, self.shape[0]), format="PNG")
+            self.written += 1
+
+    def close(self) -> Path:
+        """Rename the finished folder to ``path``; refused (and deleted) unless all ``n`` images came."""
+        if self.written != self.shape[0]:
+            self.abort()
+            raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images were written; not saved")
+        old = None
+        try:
+            if self.path.exists() or self.path.is_symlink():  # a directory cannot be renamed over a non-empty one
+                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old.", suffix=".tmp"))
+                os.replace(self.path, old / self.path.name)
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            if old is not None and not self.path.exists():
+                with contextlib.suppress(OSError):
+                    os.replace(old / self.path.name, self.path)  # put the previous folder back
+            self.abort()
+            raise
+        finally:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        return self.path
+
+    def abort(self) -> None:
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> PngFolderWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# Loading and saving checkpoints lives in gencli.checkpoints (the safe loader, the allow-list check,
+# crash-safe saves); these names stay importable from here.
+from gencli.checkpoints import load_checkpoint, restore_model  # noqa: E402,F401

@@ -1,7 +1,8 @@
 """GANMonitor: a diversity signal for GAN training, and plain-words warnings when a run goes wrong.
 
 Every ``every_n_steps`` optimiser steps (and at the first batch) it samples a fixed batch of ``n``
-images (same seed every time, with the family's default sampling, i.e. the EMA generator) and
+images (same seed every time, with the family's default sampling, i.e. the EMA generator; image i from
+its own generator, :mod:`gencli.seeds`, so they are images 0..n-1 of ``gencli sample seed=S``) and
 logs:
 
 - ``train/diversity``: mean pairwise L2 distance between those samples divided by the same for ``n``
@@ -34,6 +35,8 @@ import math
 import lightning as L
 import torch
 from torch import Tensor
+
+from gencli.seeds import PerImageGenerator
 
 log = logging.getLogger(__name__)
 
@@ -113,8 +116,7 @@ class GANMonitor(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            samples = pl_module.sample(self.n, generator=generator)
+            samples = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
         finally:
             pl_module.train(was_training)
         return mean_pairwise_distance(samples) / max(self.real_distance, 1e-12)

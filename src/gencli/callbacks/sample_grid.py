@@ -1,6 +1,9 @@
 """SampleGrid: write a PNG of samples from a fixed seed every N steps and at the end of training.
 
-The same seed every time, so successive grids show the same latents as the model learns. Families
+The same seed every time, so successive grids show the same latents as the model learns; image i of
+the grid is drawn from image i's own generator (:mod:`gencli.seeds`), so for the same weights it is image
+i of ``gencli sample seed=S`` (the callback's ``seed``, ``${seed}`` by default), whatever either's batch
+size. Families
 with an encoder also get a reconstruction grid (validation inputs on odd rows, reconstructions
 below them). Only rank 0 writes. Modules that are not a GenerativeModel (the domain classifier,
 ``model=classifier``) have nothing to sample, so the callback skips them.
@@ -15,6 +18,7 @@ import torch
 
 from gencli.families.base import GenerativeModel
 from gencli.io import auto_scale, make_grid, save_image_grid
+from gencli.seeds import PerImageGenerator
 
 
 class SampleGrid(L.Callback):
@@ -34,8 +38,7 @@ class SampleGrid(L.Callback):
         was_training = pl_module.training
         pl_module.eval()
         try:
-            generator = torch.Generator(device="cpu").manual_seed(self.seed)
-            images = pl_module.sample(self.n, generator=generator)
+            images = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
             scale = auto_scale(images.shape[-1])
             self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, scale=scale)
             for logger in trainer.loggers:  # TensorBoard shows the same grid beside the curves

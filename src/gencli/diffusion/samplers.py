@@ -30,6 +30,8 @@ from torch import Tensor
 from gencli.diffusion.schedule import NoiseSchedule
 from gencli.errors import ConfigError
 from gencli.progress import track_steps
+from gencli.seeds import SampleGenerator
+from gencli.seeds import randn as draw_randn
 
 SPACINGS = ("leading", "trailing", "linspace")
 VARIANCES = ("beta_tilde", "beta")
@@ -53,10 +55,12 @@ def spaced_timesteps(timesteps: int, steps: int, spacing: str = "trailing") -> l
     return sorted(set(ts), reverse=True)
 
 
-def randn(shape: tuple[int, ...], like: Tensor, generator: torch.Generator | None) -> Tensor:
-    """Noise drawn on the generator's device (CPU for gencli's jobs) then moved: same seed, same images anywhere."""
-    device = generator.device if generator is not None else like.device
-    return torch.randn(shape, generator=generator, device=device).to(device=like.device, dtype=like.dtype)
+def randn(shape: tuple[int, ...], like: Tensor, generator: SampleGenerator) -> Tensor:
+    """Noise drawn on the generator's device (CPU for gencli's jobs) then moved: same seed, same images anywhere.
+
+    A :class:`gencli.seeds.PerImageGenerator` draws row i from image i's own stream, so each image's
+    per-step noise (DDPM, DDIM with eta > 0) does not depend on which images share its batch."""
+    return draw_randn(shape, generator, device=like.device, dtype=like.dtype)
 
 
 class Sampler:
@@ -86,7 +90,7 @@ class Sampler:
 
     @torch.no_grad()
     def sample(self, denoise: Denoiser, schedule: NoiseSchedule, x_T: Tensor,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: SampleGenerator = None) -> Tensor:
         x = x_T
         ts = self.timesteps(schedule)
         alpha_bar = schedule.alphas_cumprod
@@ -99,7 +103,7 @@ class Sampler:
         return x
 
     def step(self, x: Tensor, x0: Tensor, eps: Tensor, a_t: float, a_prev: float,
-             generator: torch.Generator | None) -> Tensor:
+             generator: SampleGenerator) -> Tensor:
         raise NotImplementedError
 
 

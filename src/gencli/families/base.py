@@ -7,6 +7,11 @@ The jobs never ask which family they hold: they call these methods and read thes
 
 Conventions: images are float tensors in [-1, 1], NCHW; ``image_shape`` is (C, H, W), fixed at
 construction from the data config and saved in the hyper-parameters.
+
+Sampling noise: ``generator`` is a :class:`gencli.seeds.PerImageGenerator` (what the jobs and callbacks
+pass: image i's noise depends only on (seed, i), whatever the batch size), a plain ``torch.Generator``
+(one stream for the batch) or None (torch's global RNG). Families draw every bit of sampling noise
+through :meth:`GenerativeModel.randn` (or the samplers' ``randn``), which handles all three.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
+
+from gencli.seeds import SampleGenerator
+from gencli.seeds import randn as draw_randn
 
 
 class GenerativeModel(L.LightningModule):
@@ -50,11 +58,11 @@ class GenerativeModel(L.LightningModule):
 
     # ----------------------------------------------------------------- the interface
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
-        """Return ``n`` images in [-1, 1], shape (n, *image_shape)."""
+    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
+        """Return ``n`` images in [-1, 1], shape (n, *image_shape); a PerImageGenerator must cover ``n`` images."""
         raise NotImplementedError
 
-    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         """Draw ``n`` latents from the family's prior (only where ``has_latent``)."""
         raise NotImplementedError(f"{type(self).__name__} has no latent prior")
 
@@ -84,10 +92,12 @@ class GenerativeModel(L.LightningModule):
         return {"family": type(self).__name__}
 
     # ----------------------------------------------------------------- shared plumbing
-    def randn(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-        """Gaussian noise drawn on the generator's device, then moved: reproducible on CPU and GPU."""
-        device = generator.device if generator is not None else self.device
-        return torch.randn(shape, generator=generator, device=device).to(self.device)
+    def randn(self, shape: tuple[int, ...], generator: SampleGenerator) -> Tensor:
+        """Gaussian noise drawn on the generator's device, then moved: reproducible on CPU and GPU.
+
+        With a :class:`~gencli.seeds.PerImageGenerator`, row i comes from image i's own stream
+        (``shape[0]`` must be its number of images)."""
+        return draw_randn(shape, generator, device=self.device)
 
     def configure_optimizers(self):
         return optimizers_from_factories(self, self.optimizer_factory, self.scheduler_factory, interval="step")
@@ -113,14 +123,22 @@ def optimizers_from_factories(module: L.LightningModule, optimizer_factory: Call
 def record_gencli_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any], **extra: Any) -> None:
     """What ``gencli sample/eval ckpt=`` needs to rebuild a module, written into its checkpoint."""
     from gencli import __version__
+    from gencli.checkpoints import CHECKPOINT_FORMAT
 
+    trainer = module._trainer
     # Hydra hands constructors OmegaConf containers; turn them into plain lists/dicts so the
     # checkpoint loads with torch.load(weights_only=True).
     if "hyper_parameters" in checkpoint:
         checkpoint["hyper_parameters"] = plain(checkpoint["hyper_parameters"])
     checkpoint["gencli"] = {
         "version": __version__,
-        "config": module.run_config,
+        "format": CHECKPOINT_FORMAT,
+        # Hydra's own section (if a caller left it in) only concerns the launching command, and is not gencli's to
+        # rebuild: keeping it out keeps the stored config inside the allow-list of what a checkpoint may build.
+        "config": {k: v for k, v in module.run_config.items() if k != "hydra"} if isinstance(module.run_config, dict)
+        else module.run_config,
+        # the latest logged values, so a finished run's numbers can be read back from its checkpoint
+        "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} if trainer else {},
         "image_shape": list(module.image_shape),
         "family": type(module).__name__,
         **extra,

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.seeds import SampleGenerator
 
 LOSSES = ("bce", "wgan_gp", "hinge")
 
@@ -180,7 +181,7 @@ class GAN(GenerativeModel):
             )
 
     # ----------------------------------------------------------------- sampling interface
-    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         return self.randn((n, self.latent_dim), generator)
 
     def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
@@ -216,7 +217,7 @@ class GAN(GenerativeModel):
             net.train()
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
         return self.decode(self.prior(n, generator), **options)
 
     def forward(self, z: Tensor) -> Tensor:

@@ -1,11 +1,19 @@
 """``gencli sample ckpt=PATH``: images from a checkpoint, with nothing but the checkpoint.
 
-Modes: ``grid`` (n samples -> PNG grid + uint8 npz), ``interpolate`` (slerp between prior draws,
-one strip per row), ``reconstruct`` (validation inputs beside their reconstructions).
+Modes: ``grid`` (n samples -> uint8 ``samples.npz`` and/or ``images/NNNNNN.png``, plus a PNG grid of the
+first ``grid_n``), ``interpolate`` (slerp between prior draws, one strip per row), ``reconstruct``
+(validation inputs beside their reconstructions).
+
+Image ``i`` depends only on (``seed``, ``i``): each image draws its noise from its own generator
+(:mod:`gencli.seeds`), so ``batch_size`` changes speed and memory, not the images. ``grid`` streams:
+each batch goes to the npz (:class:`gencli.io.NpzImageWriter`) and the PNG folder
+(:class:`gencli.io.PngFolderWriter`) as it is made and only the grid's images are kept, so memory does
+not grow with ``n``; both are renamed into place only once complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -15,13 +23,24 @@ from omegaconf import DictConfig
 
 from gencli.config import CONF_DIR
 from gencli.errors import ConfigError
-from gencli.io import auto_scale, restore_model, save_image_grid, save_npz, to_uint8, write_json
-from gencli.jobs.common import datamodule_for, generator_for, pick_device, run_job, sample_options
+from gencli.io import (
+    NpzImageWriter,
+    PngFolderWriter,
+    auto_scale,
+    restore_model,
+    save_image_grid,
+    to_uint8,
+    write_json,
+)
+from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
 from gencli.progress import track_batches
 from gencli.provenance import environment
+from gencli.seeds import SEED_RULE, PerImageGenerator, check_seed
 
 log = logging.getLogger(__name__)
 MODES = ("grid", "interpolate", "reconstruct")
+#: format=: what grid mode writes for the n images.
+FORMATS = {"npz": ("npz",), "png": ("png",), "both": ("npz", "png")}
 
 
 def sample(cfg: DictConfig) -> Path:
@@ -31,32 +50,66 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"mode={cfg.mode} is not a sampling mode; use one of {', '.join(MODES)}.")
     if cfg.n < 1 or cfg.batch_size < 1:
         raise ConfigError(f"n={cfg.n} and batch_size={cfg.batch_size} must be positive integers.")
+    fmt, grid_n = cfg.get("format", "npz"), cfg.get("grid_n", 256)
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt} is not an output format; use npz (samples.npz), png (images/000000.png, "
+                          "one file per image) or both.")
+    if not isinstance(grid_n, int) or grid_n < 0:
+        raise ConfigError(f"grid_n={grid_n} must be an integer >= 0: how many of the n images samples.png shows "
+                          "(0: no grid).")
+    seed = check_seed(cfg.seed)
     model, checkpoint = restore_model(cfg.ckpt)
     model = model.to(pick_device(cfg.device))
     options = sample_options(cfg, model)
     out = Path(cfg.paths.output_dir)
     scale = auto_scale(model.image_shape[-1])
-    generator = generator_for(cfg.seed)
 
     if cfg.mode == "grid":
-        images = torch.cat([model.sample(b, generator=generator, **options).cpu()
-                            for b in track_batches(cfg.n, cfg.batch_size, "sampling")])
-        save_npz(out / "samples.npz", to_uint8(images))
-        written = save_image_grid(out / "samples.png", images, nrow=cfg.nrow, scale=scale)
+        written = sample_images(model, cfg, seed, options, out, FORMATS[fmt], grid_n, scale)
     elif cfg.mode == "interpolate":
-        written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, generator, options),
+        written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, seed, options),
                                   nrow=cfg.interpolation_steps, scale=scale)
     else:
         written = save_image_grid(out / "reconstructions.png", reconstruct(model, cfg, checkpoint), nrow=16, scale=scale)
 
     write_json(out / "sample.json", {
-        "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": cfg.n, "seed": cfg.seed,
+        "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": cfg.n, "seed": seed, "batch_size": cfg.batch_size,
+        "format": fmt, "grid_n": grid_n, "seeding": SEED_RULE,
         "sampling": model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options),
-        "files": sorted(p.name for p in out.iterdir() if p.is_file()),
+        "files": sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.startswith(".")),
         **environment(),
     })
     log.info("wrote %s", written)
     return written
+
+
+@torch.no_grad()
+def sample_images(model, cfg: DictConfig, seed: int, options: dict, out: Path, formats: tuple[str, ...],
+                  grid_n: int, scale: int) -> Path:
+    """Make n images batch by batch, streaming each batch to the outputs; keep only the grid's first ``grid_n``."""
+    c, h, w = model.image_shape
+    grid_n = min(grid_n, cfg.n)
+    kept: list[torch.Tensor] = []
+    written: list[Path] = []
+    with contextlib.ExitStack() as outputs:  # on any error every writer drops its temp file/folder
+        writers = []
+        if "npz" in formats:
+            writers.append(outputs.enter_context(NpzImageWriter(out / "samples.npz", cfg.n, (h, w, c))))
+        if "png" in formats:
+            writers.append(outputs.enter_context(PngFolderWriter(out / "images", cfg.n, (h, w, c))))
+        start = 0
+        for b in track_batches(cfg.n, cfg.batch_size, "sampling"):
+            images = model.sample(b, generator=PerImageGenerator.for_range(seed, start, b), **options).cpu()
+            u8 = to_uint8(images)
+            for writer in writers:
+                writer.write(u8)
+            if start < grid_n:
+                kept.append(images[: grid_n - start].clone())  # not a view that keeps the whole batch
+            start += b
+        written = [writer.path for writer in writers]
+    if grid_n > 0:
+        written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=cfg.nrow, scale=scale))
+    return written[0]
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -73,10 +126,13 @@ def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def interpolate(model, cfg: DictConfig, generator: torch.Generator, options: dict) -> torch.Tensor:
+def interpolate(model, cfg: DictConfig, seed: int, options: dict) -> torch.Tensor:
+    """Row r slerps from the first to the second latent image r's generator draws: the first is the latent
+    ``gencli sample`` (same seed) decodes for its image r (for a diffusion model, x_T)."""
     if not model.has_latent:
         raise ConfigError(f"mode=interpolate needs a family with a latent prior; {type(model).__name__} has none.")
     rows = max(1, min(cfg.n, 16))
+    generator = PerImageGenerator.for_range(seed, 0, rows)
     a, b = model.prior(rows, generator), model.prior(rows, generator)
     t = torch.linspace(0, 1, cfg.interpolation_steps, device=a.device)
     z = slerp(a, b, t).flatten(0, 1)

@@ -2,10 +2,10 @@
 
 Both sources stream [-1, 1] float NCHW batches quantised to uint8 levels, exactly what the images
 would be once saved as PNG or npz. So ``gencli eval ckpt=...`` and ``gencli eval samples=...`` of the
-same images (``gencli sample`` with the same seed and batch size) give the same numbers.
+same images (``gencli sample`` with the same seed, at any batch size) give the same numbers.
 
-- :class:`ModelSource`: ``model.sample(b, generator=..., **sample_options)`` batch after batch with one
-  seeded CPU generator (``jobs.common.generator_for``), never holding more than one batch.
+- :class:`ModelSource`: ``model.sample(b, generator=..., **sample_options)`` batch after batch, image i's
+  noise from its own generator seeded by (seed, i) (``gencli.seeds``), never holding more than one batch.
 - :class:`FileSource`: ``samples=file.npz`` (uint8 NHWC or NHW under the key ``images``, as
   ``gencli sample`` and torch-fidelity write), ``samples=file.npy``, or ``samples=DIR`` of PNG/JPEG
   files (searched recursively, sorted by path, decoded one batch at a time).
@@ -59,14 +59,17 @@ class ModelSource(ImageSource):
 
     @torch.no_grad()
     def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
-        from gencli.jobs.common import generator_for
+        """Images 0..n-1 of ``seed``, each from its own generator (gencli.seeds): the same images, in the same
+        order, as ``gencli sample seed=...`` writes, whatever either's batch size."""
+        from gencli.seeds import batches
 
-        generator = generator_for(self.seed)
-        for b in batch_sizes(self.n, batch_size):
-            yield quantise(self.model.sample(b, generator=generator, **self.options))
+        for _, generator in batches(self.seed, self.n, batch_size):
+            yield quantise(self.model.sample(len(generator), generator=generator, **self.options))
 
     def describe(self) -> dict[str, Any]:
-        return {"source": "ckpt", "ckpt": self.ckpt, "n_generated": self.n, "seed": self.seed,
+        from gencli.seeds import SEED_RULE
+
+        return {"source": "ckpt", "ckpt": self.ckpt, "n_generated": self.n, "seed": self.seed, "seeding": SEED_RULE,
                 "sampling": self.model.sampling_info(**self.options),
                 "quantisation": "samples rounded to uint8 levels, as when saved"}
 
