@@ -305,10 +305,10 @@ class DomainFeatures(FeatureExtractor):
         self._prepared_for = describe
 
     def from_checkpoint(self, path: str):
+        from gencli.checkpoints import restore_model
         from gencli.families.classifier import Classifier
-        from gencli.io import restore_model
 
-        module, checkpoint = restore_model(path)
+        module, checkpoint = restore_model(path, key="features.ckpt")
         if not isinstance(module, Classifier):
             raise ConfigError(f"features.ckpt={path} holds a {type(module).__name__}, not a classifier; give a "
                               "checkpoint from 'gencli train model=classifier data=...'.")
