@@ -37,3 +37,11 @@ class RuntimeFailure(GencliError):
 
     def __init__(self, message: str):
         super().__init__(message, RUNTIME)
+
+
+class Interrupted(GencliError):
+    """Training was stopped by a signal after saving its state; exit code 128 + the signal number."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message, 128 + int(signum))
+        self.signum = int(signum)

@@ -281,7 +281,8 @@ def test_latent_diffusion_refuses_a_first_stage_without_encoder(compose_cfg, tmp
     cfg = compose_cfg("train", ["model=dcgan", "data=digits", "data.image_size=8", "model.generator.base_channels=8",
                                 "model.discriminator.base_channels=8"])
     gan = instantiate(cfg.model)
-    gan.run_config = OmegaConf.to_container(cfg, resolve=True)
+    # what gencli train stores: the run config without Hydra's own section
+    gan.run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
     path = tmp_path / "gan.ckpt"
     torch.save({"state_dict": gan.state_dict(), "gencli": {"config": gan.run_config}}, path)
     cfg = compose_cfg("train", ["model=ldm", f"model.first_stage_ckpt={path}", "data=digits", "data.image_size=8"])

@@ -191,7 +191,7 @@ def test_named_presets(compose_cfg, preset, loss, norm, sn, n_critic):
     model = instantiate(cfg.model)
     assert (model.loss, model.discriminator.norm, model.discriminator.spectral_norm, model.n_critic) == (
         loss, norm, sn, n_critic)
-    assert model.monitor == cfg.callbacks.model_checkpoint.monitor == "train/diversity_gap"
+    assert model.monitor == cfg.callbacks.checkpoint.monitor == "train/diversity_gap"
 
 
 @pytest.mark.parametrize("loss", ["bce", "wgan_gp", "hinge"])

@@ -17,6 +17,11 @@ If no checkpoint had been written yet and the weights are still finite, it write
 ``last.ckpt`` in the checkpoint folder first (``save_if_missing``), so there is always something to
 resume from or inspect. A family can add its own likely cause with a ``non_finite_hint()`` method
 and name the loss it is backpropagating in ``current_loss_name``.
+
+Under DDP a NaN can appear on one rank only (its own shard of the data). Every check is agreed on by
+all ranks (an all-reduce of one finite flag), so all ranks stop at the same point with the same
+message, naming the rank(s) that saw it; the last-good-checkpoint decision is rank 0's, broadcast, so
+a save's collectives are joined by every rank or by none. No rank is left waiting at a barrier.
 """
 
 from __future__ import annotations
@@ -59,26 +64,56 @@ class NonFiniteGuard(L.Callback):
         self._batch_finite = all_finite(tensors)
 
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
-        if not torch.isfinite(loss.detach()).all():
+        finite = bool(torch.isfinite(loss.detach()).all())
+        if not self.all_ranks_agree(trainer, finite):
             name = getattr(pl_module, "current_loss_name", None) or "loss"
-            self.fail(trainer, pl_module, f"the {name} is {describe_value(loss)}")
+            where = self.where(trainer, finite)
+            what = f"the {name} is {describe_value(loss)}" if not finite else f"the {name} is NaN or inf"
+            self.fail(trainer, pl_module, f"{what}{where}")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if not all_finite(grads):
+        finite = all_finite(grads)
+        if not self.all_ranks_agree(trainer, finite):
             name = getattr(pl_module, "current_loss_name", None) or "loss"
-            self.fail(trainer, pl_module, f"the gradient of the {name} holds NaN or inf values (the loss itself was finite)")
+            self.fail(trainer, pl_module, f"the gradient of the {name} holds NaN or inf values (the loss itself was "
+                      f"finite){self.where(trainer, finite)}")
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self._failing:
             return
         bad = [k for k, v in checkpoint.get("state_dict", {}).items()
                if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if trainer.world_size > 1:
+            # Every rank builds the checkpoint and rank 0 writes its own: rank 0's verdict is everyone's.
+            bad = trainer.strategy.broadcast(bad, src=0)
         if bad:
             self.fail(trainer, pl_module, f"the weights hold NaN or inf values ({', '.join(bad[:3])}"
                       f"{' ...' if len(bad) > 3 else ''}), so this checkpoint was not written")
+
+    # ----------------------------------------------------------------- DDP
+    @staticmethod
+    def all_ranks_agree(trainer, finite: bool) -> bool:
+        """True when the value is finite on every rank. Under DDP one rank can see a NaN (its own data shard)
+        while the others do not; all ranks must stop together, or the others wait forever at the next
+        gradient all-reduce, so the decision is all-reduced (one flag per check)."""
+        if trainer.world_size <= 1:
+            return finite
+        return trainer.strategy.reduce_boolean_decision(finite, all=True)
+
+    @staticmethod
+    def where(trainer, finite: bool) -> str:
+        """' on rank 1' (every rank names the same ones): one more collective, only when the run stops anyway."""
+        if trainer.world_size <= 1:
+            return ""
+        import torch.distributed as dist
+
+        flags: list = [None] * trainer.world_size
+        dist.all_gather_object(flags, finite)
+        ranks = [str(rank) for rank, ok in enumerate(flags) if not ok]
+        return f" on rank{'s' if len(ranks) > 1 else ''} {', '.join(ranks)} of {trainer.world_size}"
 
     # ----------------------------------------------------------------- the stop
     def likely_cause(self, trainer, pl_module) -> str:
@@ -96,17 +131,20 @@ class NonFiniteGuard(L.Callback):
 
     def last_good_checkpoint(self, trainer, pl_module) -> Path | None:
         callback = trainer.checkpoint_callback
-        for attr in ("last_model_path", "best_model_path"):
-            path = getattr(callback, attr, None)
-            if path and Path(path).is_file():
-                return Path(path)
-        if not self.save_if_missing or callback is None or not getattr(callback, "dirpath", None):
-            return None
-        if not all_finite(pl_module.state_dict().values()):
-            return None
+        existing = next((Path(p) for p in (getattr(callback, "last_model_path", None),
+                                           getattr(callback, "best_model_path", None)) if p and Path(p).is_file()), None)
+        save = (existing is None and self.save_if_missing and callback is not None and getattr(callback, "dirpath", None)
+                and all_finite(pl_module.state_dict().values()))
+        if trainer.world_size > 1:
+            # All ranks are here together (the decision to fail was all-reduced); rank 0's view of the files
+            # decides, so that every rank joins the save's collectives or none does.
+            existing, save = trainer.strategy.broadcast((existing, bool(save)), src=0)
+        if existing is not None or not save:
+            return existing
         path = Path(callback.dirpath) / "last.ckpt"
         trainer.save_checkpoint(path)
-        log.info("no checkpoint had been written yet; saved the last finite weights to %s", path)
+        if trainer.is_global_zero:
+            log.info("no checkpoint had been written yet; saved the last finite weights to %s", path)
         return path
 
     def fail(self, trainer, pl_module, what: str) -> None:
@@ -117,7 +155,7 @@ class NonFiniteGuard(L.Callback):
         checkpoint = self.last_good_checkpoint(trainer, pl_module)
         if checkpoint is not None:
             kept = (f"The last good checkpoint is kept: {checkpoint} (sample from it with 'gencli sample "
-                    f"ckpt={checkpoint}', or resume with ckpt_path={checkpoint} after the fix).")
+                    f"ckpt={checkpoint}', or continue it with resume={checkpoint} after the fix).")
         elif trainer.checkpoint_callback is None:
             kept = "No checkpoint was kept: this run has no checkpoint callback."
         else:

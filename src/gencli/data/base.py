@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from gencli.errors import ConfigError
 
@@ -23,7 +23,11 @@ log = logging.getLogger(__name__)
 
 
 class UInt8ImageDataset(Dataset):
-    """In-memory uint8 images -> ([-1, 1] float image, label)."""
+    """In-memory uint8 images -> ([-1, 1] float image, label).
+
+    Indexed by ``i`` or by ``(i, flip)``: the training loader's :class:`EpochSampler` decides the flips, so
+    they do not depend on the global random state (or on which worker process decodes the image).
+    """
 
     def __init__(self, images: Tensor, labels: Tensor, random_flip: bool = False):
         self.images, self.labels, self.random_flip = images, labels, random_flip
@@ -31,11 +35,66 @@ class UInt8ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
-    def __getitem__(self, i: int):
+    def __getitem__(self, item: int | tuple[int, bool]):
+        if isinstance(item, tuple):
+            i, flip = item
+        else:
+            i, flip = item, self.random_flip and bool(torch.rand(()) < 0.5)
         x = self.images[i].float() / 127.5 - 1
-        if self.random_flip and torch.rand(()) < 0.5:
+        if flip:
             x = x.flip(-1)
         return x, self.labels[i]
+
+
+def batches_per_epoch(samples: int, batch_size: int, drop_last: bool) -> int:
+    return samples // batch_size if drop_last else -(-samples // batch_size)
+
+
+def mixed_seed(*values: int) -> int:
+    """One 63-bit seed from several integers (numpy's SeedSequence mixing: (1, 0) and (0, 1) differ)."""
+    import numpy as np
+
+    state = np.random.SeedSequence([int(v) & (2**63 - 1) for v in values]).generate_state(2, np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1])) & (2**63 - 1)
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a permutation and the random flips of each epoch from (seed, epoch) alone.
+
+    Nothing here reads the global random state, so the data order is the same whatever the model or the
+    callbacks draw, and a resumed run can continue an epoch exactly where the interrupted one stopped:
+    :meth:`resume_at` skips the batches already trained on, for the next pass only. Under DDP each rank
+    takes its own shard (``order[rank::world_size]``, padded to equal length as DistributedSampler does);
+    it is a DistributedSampler, so Lightning uses it as it is instead of wrapping it in another one.
+    Yields ``(index, flip)`` for :class:`UInt8ImageDataset`.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int = 0, random_flip: bool = False):
+        import torch.distributed as dist
+
+        distributed = dist.is_available() and dist.is_initialized()
+        super().__init__(dataset, num_replicas=dist.get_world_size() if distributed else 1,
+                         rank=dist.get_rank() if distributed else 0, shuffle=True, seed=seed, drop_last=False)
+        self.random_flip = bool(random_flip)
+        self.skip = 0
+
+    def resume_at(self, epoch: int, samples_done: int) -> None:
+        """Continue ``epoch`` after the first ``samples_done`` samples of this rank's shard."""
+        self.set_epoch(epoch)
+        self.skip = max(0, int(samples_done))
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=generator)
+        flips = (torch.rand(n, generator=generator) < 0.5) if self.random_flip else torch.zeros(n, dtype=torch.bool)
+        if self.total_size > n:  # pad so that every rank gets the same number of samples
+            repeats = -(-self.total_size // n)
+            order = order.repeat(repeats)[: self.total_size]
+        shard = order[self.rank : self.total_size : self.num_replicas].tolist()
+        skip, self.skip = self.skip, 0
+        for i in shard[skip:]:
+            yield i, bool(flips[i])
 
 
 def resize_uint8(images: Tensor, size: int, policy: str = "resize") -> Tensor:
@@ -140,19 +199,36 @@ class ImageDataModule(L.LightningDataModule):
         return self.train_set if name == "train" else self.val_set
 
     def _loader(self, dataset: Dataset, shuffle: bool) -> DataLoader:
+        sampler = EpochSampler(dataset, seed=self.seed, random_flip=dataset.random_flip) if shuffle else None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             drop_last=shuffle and len(dataset) > self.batch_size,
+            # Worker seeds come from this generator, not the global random state the training step draws from.
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
         self.setup()
-        return self._loader(self.train_set, shuffle=True)
+        loader = self._loader(self.train_set, shuffle=True)
+        self._continue_interrupted_epoch(loader.sampler)
+        return loader
+
+    def _continue_interrupted_epoch(self, sampler: EpochSampler) -> None:
+        """When Lightning resumes mid-epoch (its loops are restored before it asks for this loader), start the
+        epoch's order where the checkpoint left it, instead of Lightning's default: the epoch's first batches again."""
+        trainer = getattr(self, "trainer", None)
+        fit_loop = getattr(trainer, "fit_loop", None)
+        if fit_loop is None or not fit_loop.restarting:
+            return
+        done = fit_loop.epoch_loop.batch_progress.current.processed
+        # (A checkpoint from after the epoch's last batch: Lightning moves on to the next epoch by itself.)
+        if 0 < done < batches_per_epoch(len(sampler), self.batch_size, drop_last=len(self.train_set) > self.batch_size):
+            sampler.resume_at(trainer.current_epoch, done * self.batch_size)
 
     def val_dataloader(self) -> DataLoader:
         self.setup()

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
+from gencli.seeds import SampleGenerator
 
 RECON_LOSSES = ("mse", "bce")
 
@@ -103,7 +104,22 @@ class Autoencoder(EncoderDecoderModel):
 
     # ---- the latent Gaussian
     def on_train_epoch_start(self) -> None:
-        self._moments = None
+        resumed, self._resumed_moments = getattr(self, "_resumed_moments", None), None
+        # A run resumed in the middle of an epoch continues that epoch's sums, so the Gaussian fitted at its
+        # end is the one the uninterrupted run fits.
+        self._moments = resumed["moments"] if resumed is not None and resumed["epoch"] == self.current_epoch else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self._moments is not None and self._trainer is not None:
+            checkpoint["gencli"]["latent_moments"] = {"epoch": self.current_epoch,
+                                                      "moments": [m.detach().cpu() for m in self._moments]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        stored = (checkpoint.get("gencli") or {}).get("latent_moments")
+        if isinstance(stored, dict) and len(stored.get("moments") or []) == 3:
+            self._resumed_moments = {"epoch": int(stored["epoch"]),
+                                     "moments": [m.to(self.latent_mean.device) for m in stored["moments"]]}
 
     def _accumulate_moments(self, z: Tensor) -> None:
         z = z.double()
@@ -120,12 +136,12 @@ class Autoencoder(EncoderDecoderModel):
         self.latent_mean.copy_(mean.float())
         self.latent_scale_tril.copy_(torch.linalg.cholesky(cov).float())
 
-    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         eps = self.randn((n, self.latent_dim), generator)
         return self.latent_mean + eps @ self.latent_scale_tril.T
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
         return self.decode(self.prior(n, generator))
 
     @torch.no_grad()

@@ -30,11 +30,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from gencli.diffusion.samplers import DDIMSampler, DDPMSampler, Sampler
+from gencli.diffusion.samplers import DDIMSampler, Sampler
 from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.seeds import SampleGenerator
 
 #: Validation losses are also reported per quarter of the timestep range (t in [0, T/4), ...).
 T_BUCKETS = 4
@@ -80,7 +81,7 @@ class Diffusion(GenerativeModel):
             raise ConfigError(f"model.grad_clip={grad_clip} must be > 0 (DDPM clips to norm 1), or null for no clipping.")
         self.net = net
         self.schedule = schedule or NoiseSchedule()
-        self.default_sampler = self.check_sampler(sampler or DDPMSampler())
+        self.default_sampler = self.check_sampler(sampler or DDIMSampler())
         self.prediction = prediction
         self.ema_decay = check_decay(ema_decay)
         self.net_ema = ema_copy(net) if self.ema_decay is not None else None
@@ -92,7 +93,6 @@ class Diffusion(GenerativeModel):
         #: The shape the diffusion runs on: the image itself here, the first stage's latent for LDM.
         self.x_shape = tuple(x_shape or self.image_shape)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
-        self._ema_step = -1
         self.current_loss_name = "diffusion loss"
         self._check_net()
 
@@ -145,12 +145,12 @@ class Diffusion(GenerativeModel):
         return sampler
 
     # ----------------------------------------------------------------- the sampling interface
-    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         """x_T ~ N(0, I)."""
         return self.randn((n, *self.x_shape), generator)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, use_ema: bool | None = None,
+    def sample(self, n: int, generator: SampleGenerator = None, use_ema: bool | None = None,
                sampler: Sampler | None = None, **options: Any) -> Tensor:
         if options:
             raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
@@ -221,11 +221,13 @@ class Diffusion(GenerativeModel):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
-        # After the optimiser step; once per step even with gradient accumulation.
-        if self.net_ema is None or self.trainer.global_step == self._ema_step:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        # The EMA follows each optimiser step (once per step, also with gradient accumulation) here rather than
+        # in on_train_batch_end: callbacks run before that hook, so a checkpoint written at a step boundary
+        # (every_n_steps, preemption) would hold weights one EMA update ahead of their average.
+        super().optimizer_step(*args, **kwargs)
+        if self.net_ema is None:
             return
-        self._ema_step = self.trainer.global_step
         decay = ema_update(self.net_ema, self.net, self.ema_decay, int(self.ema_updates))
         self.ema_updates += 1
         self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
@@ -307,12 +309,23 @@ class LatentDiffusion(Diffusion):
         from omegaconf import OmegaConf
 
         if config is not None:  # restoring a latent-diffusion checkpoint: the weights come with it
-            first_stage = instantiate(OmegaConf.create(json.loads(config)).model)
-            first_stage.run_config = json.loads(config)
-        elif path:
-            from gencli.io import restore_model
+            from gencli.safety import check_config
 
-            first_stage, checkpoint = restore_model(path)
+            source = "model.first_stage_config (inside this latent diffusion checkpoint)"
+            try:
+                stored = json.loads(config)
+            except (TypeError, ValueError) as err:
+                raise ConfigError(f"{source} is not the JSON gencli writes ({err}); the checkpoint was edited or is "
+                                  "corrupt.") from err
+            if not isinstance(stored, dict) or not isinstance(stored.get("model"), dict):
+                raise ConfigError(f"{source} holds no model config; the checkpoint was edited or is corrupt.")
+            check_config(stored, source)  # it comes from a file: nothing outside the allow-list is built
+            first_stage = instantiate(OmegaConf.create(stored).model)
+            first_stage.run_config = stored
+        elif path:
+            from gencli.checkpoints import restore_model
+
+            first_stage, checkpoint = restore_model(path, key="model.first_stage_ckpt")
             config = json.dumps(checkpoint["gencli"]["config"])
         else:
             raise ConfigError("model=ldm needs model.first_stage_ckpt=PATH: the checkpoint of a trained autoencoder, e.g. "

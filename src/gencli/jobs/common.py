@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,14 +17,19 @@ from gencli.errors import ConfigError, GencliError
 
 def user_error(err: BaseException) -> GencliError | None:
     """The GencliError behind ``err`` (Hydra's instantiate wraps them), or one made from a config error."""
-    seen = err
-    while seen is not None:
-        if isinstance(seen, GencliError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
     from hydra.errors import HydraException, InstantiationException
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    chain, seen = [], err
+    while seen is not None and len(chain) < 20:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    for seen in chain:
+        if isinstance(seen, GencliError):
+            return seen
+    lightning = next((seen for seen in chain if isinstance(seen, MisconfigurationException)), None)
+    if lightning is not None:
+        err = lightning  # the reason, not Hydra's "error in call to target" around it
     first = " ".join(str(err).split())[:600]
     if isinstance(err, InstantiationException):
         return ConfigError(f"the config could not be instantiated: {first}. Check the keys you overrode "
@@ -42,15 +48,76 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
     keep_freed_memory()  # large CPU batches: reuse freed memory instead of page-faulting it in again
     try:
+        from gencli.schema import validate
+
+        # Again inside the job: the CLI checked one job of a multirun; every job (and every DDP rank) checks its own.
+        validate(cfg, str(cfg.get("task_name")))
         return job(cfg)
     except Exception as err:
         gencli_error = user_error(err)
         if gencli_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
+        release_process_group()
+        if launched_rank():
+            leave_after_rank_zero(gencli_error)
         from rich.console import Console
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]gencli error:[/] {gencli_error.message}", highlight=False)
         sys.exit(gencli_error.exit_code)
+
+
+#: Set by a job before Lightning may launch more ranks (they inherit it): the launching process's id.
+LAUNCHER_ENV = "GENCLI_LAUNCHER_PID"
+
+
+@contextlib.contextmanager
+def launcher_mark() -> Iterator[None]:
+    """While fitting, ranks that Lightning's launcher starts from this process can tell it is their launcher."""
+    if launched_rank():  # a launched rank keeps its launcher's id
+        yield
+        return
+    previous = os.environ.get(LAUNCHER_ENV)
+    os.environ[LAUNCHER_ENV] = str(os.getpid())
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(LAUNCHER_ENV, None)
+        else:
+            os.environ[LAUNCHER_ENV] = previous
+
+
+def launched_rank() -> bool:
+    """True in a rank (LOCAL_RANK 1, 2, ...) that Lightning's DDP launcher started from a gencli process; not under
+    torchrun/SLURM, where the scheduler starts every rank, nor in any other child of a process that ran gencli."""
+    return os.environ.get("LOCAL_RANK", "0") not in ("", "0") and os.environ.get(LAUNCHER_ENV) == str(os.getppid())
+
+
+def release_process_group() -> None:
+    """Leave DDP's process group before exiting on an error (Lightning keeps it alive after fit): otherwise
+    the interpreter's exit waits on it for seconds."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # noqa: BLE001 - on the way out, an unclean group is not worth a second error
+            pass
+
+
+def leave_after_rank_zero(err: GencliError, timeout: float = 120.0) -> None:
+    """A rank Lightning launched stops with the same error as rank 0 (the errors that stop a run are agreed
+    on by all ranks). Rank 0 prints it once; this rank only logs it, and exits after rank 0 has: Lightning's
+    launcher SIGKILLs rank 0 when it sees a rank it launched exit with an error, which would cut rank 0 off
+    while it writes metrics.json and prints the message."""
+    import logging
+    import time
+
+    logging.getLogger(__name__).error("stopping with rank 0: %s", err.message)
+    parent, deadline = os.getppid(), time.monotonic() + timeout
+    while os.getppid() == parent and time.monotonic() < deadline:
+        time.sleep(0.1)
+    sys.exit(err.exit_code)
 
 
 def pick_device(name: str) -> torch.device:
@@ -78,8 +145,17 @@ def datamodule_for(cfg: DictConfig, checkpoint: dict | None, batch_size: int, im
             cfg.data.update(batch_size=batch_size, num_workers=0, pin_memory=False)
         data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     else:
-        data_cfg = dict(checkpoint["gencli"]["config"]["data"])
-        data_cfg.update(batch_size=batch_size, num_workers=0, pin_memory=False)
+        from gencli.safety import check_config
+
+        data_cfg = checkpoint["gencli"]["config"].get("data")
+        if not isinstance(data_cfg, dict):
+            raise ConfigError("the checkpoint's config has no data section; name the data set with data=<name>.")
+        check_config(data_cfg, "the checkpoint's data config")
+        data_cfg = dict(data_cfg, batch_size=batch_size, num_workers=0, pin_memory=False)
+        if data_cfg.get("download"):
+            # A checkpoint may come from a stranger: it does not get to make this machine download files into
+            # a folder it names. Missing files are reported with where to put them (or pass data=... yourself).
+            data_cfg["download"] = False
     datamodule = instantiate(data_cfg)
     if image_shape is not None and tuple(datamodule.image_shape) != tuple(image_shape):
         c, h, _ = image_shape
@@ -108,8 +184,3 @@ def sample_options(cfg: DictConfig, model) -> dict[str, Any]:
             )
         options[key] = instantiate(value) if isinstance(value, DictConfig) else value
     return options
-
-
-def generator_for(seed: int) -> torch.Generator:
-    """All sampling noise is drawn from a CPU generator: the same seed gives the same images on any device."""
-    return torch.Generator(device="cpu").manual_seed(int(seed))

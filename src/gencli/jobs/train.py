@@ -1,6 +1,9 @@
-"""``gencli train``: compose the config, build data + model + trainer, fit, write metrics.
+"""``gencli train``: compose the config, build data + model + trainer, fit (or continue), write metrics.
 
 Returns the value of ``optimized_metric`` so Hydra sweepers (Optuna included) can minimise it.
+``resume=PATH|auto`` continues an interrupted run (see :mod:`gencli.jobs.resume`); ``metrics.json``
+always says how the run ended: ``completed``, ``interrupted`` (a signal; the checkpoint to continue
+from is named) or ``failed`` (with the reason).
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from gencli.callbacks.random_state import TrainingRandomState
+from gencli.checkpoints import SafeCheckpointIO
 from gencli.config import CONF_DIR
+from gencli.errors import GencliError, Interrupted
 from gencli.io import write_json
-from gencli.jobs.common import run_job
+from gencli.jobs.common import launcher_mark, run_job
+from gencli.jobs.resume import ResumePoint, resume_point
 from gencli.provenance import environment
 
 log = logging.getLogger(__name__)
@@ -24,24 +31,61 @@ log = logging.getLogger(__name__)
 
 def train(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
+    resume = resume_point(cfg)
+    if resume is not None and resume.complete:
+        log.info(resume.complete)
+        return finished_value(cfg, resume)
     hardware = instantiate(cfg.hardware)
     datamodule = instantiate(cfg.data)
     model = hardware.apply(instantiate(cfg.model))
-    model.run_config = OmegaConf.to_container(cfg, resolve=True)  # travels in every checkpoint
+    # travels in every checkpoint (without Hydra's own settings, which only the launching command needs)
+    model.run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
+    if resume is not None:
+        resume.check_matches(model)
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    # TrainingRandomState keeps the training steps' random stream apart from everything else and in checkpoints.
+    callbacks = [TrainingRandomState(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    trainer.fit(model, datamodule=datamodule, ckpt_path=cfg.get("ckpt_path"))
+    checkpoint_io = SafeCheckpointIO(preloaded={str(resume.path): resume.checkpoint} if resume else None)
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
+    try:
+        with launcher_mark():  # ranks Lightning starts from here know their launcher (see jobs.common.run_job)
+            trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
+    except GencliError as err:
+        if trainer.is_global_zero:
+            status = "interrupted" if isinstance(err, Interrupted) else "failed"
+            write_outputs(cfg, trainer, scalar_metrics(trainer), resume, status=status, reason=err.message)
+        raise
 
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    metrics = scalar_metrics(trainer)
     if trainer.is_global_zero:
-        write_outputs(cfg, trainer, metrics)
+        write_outputs(cfg, trainer, metrics, resume)
     value = metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None or not math.isfinite(value) else value
 
 
-def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]) -> None:
+def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+
+
+def finished_value(cfg: DictConfig, resume: ResumePoint) -> float | None:
+    """A run that ``resume=auto`` finds already complete: make sure its metrics.json says so, return its value."""
+    out = Path(cfg.paths.output_dir)
+    report = out / "metrics.json"
+    metrics = dict(resume.checkpoint["gencli"].get("metrics") or {})
+    if not report.is_file():
+        write_json(report, {
+            "status": "completed", "metrics": metrics, "optimized_metric": cfg.get("optimized_metric"),
+            "epochs": resume.checkpoint.get("epoch"), "steps": resume.checkpoint.get("global_step"),
+            "files": {"last_checkpoint": str(resume.path)},
+            "provenance": {"seed": cfg.seed, "model": cfg.model._target_, "data": cfg.data._target_, **environment()},
+        })
+    value = metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
+    return None if value is None or not math.isfinite(value) else value
+
+
+def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float], resume: ResumePoint | None,
+                  status: str = "completed", reason: str | None = None) -> None:
     out = Path(cfg.paths.output_dir)
     checkpoint = trainer.checkpoint_callback
     files = {
@@ -50,18 +94,22 @@ def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "sample_grid": next((str(cb.last_written) for cb in trainer.callbacks if getattr(cb, "last_written", None)), None),
     }
     write_json(out / "metrics.json", {
+        "status": status,
+        **({"reason": reason} if reason else {}),
         "metrics": metrics,
         "optimized_metric": cfg.get("optimized_metric"),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
+        "resumed_from": {"checkpoint": str(resume.path), "step": resume.step} if resume else None,
         "files": files,
         "provenance": {"seed": cfg.seed, "model": cfg.model._target_, "data": cfg.data._target_, **environment()},
     })
-    log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
+    if status == "completed":
+        log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     for name, path in files.items():
         if path:
             log.info("%s: %s", name, path)
-    log.info("metrics.json: %s", out / "metrics.json")
+    log.info("metrics.json: %s (%s)", out / "metrics.json", status)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="train")
