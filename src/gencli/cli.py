@@ -32,10 +32,10 @@ def main(argv: list[str] | None = None) -> None:
     if verb not in VERBS:
         print(f"gencli error: '{verb}' is not a verb; use one of {', '.join(VERBS)}.\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    from gencli.config import check_group_overrides
+    from gencli.config import precheck
 
-    try:
-        check_group_overrides(overrides, config_name=VERBS[verb][1])
+    try:  # composition, types, ranges, keys, the output folder: one paragraph before anything runs
+        overrides = precheck(verb, VERBS[verb][1], overrides)
     except GencliError as err:
         print(f"gencli error: {err.message}", file=sys.stderr)
         sys.exit(err.exit_code)

@@ -24,6 +24,18 @@ def config_dir() -> Path:
 CONF_DIR = str(config_dir())
 
 
+def _register_resolvers() -> None:
+    """Resolvers the configs use; registered when this module is imported (before any job composes)."""
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("gencli.name_or"):
+        # ${gencli.name_or:${run_name},${now:...}}: the run's fixed name if it has one, else the fallback
+        OmegaConf.register_new_resolver("gencli.name_or", lambda name, fallback: str(name) if name else fallback)
+
+
+_register_resolvers()
+
+
 def group_options(group: str) -> list[str]:
     """The options of ``group`` (``model``, or a nested group such as ``model/net``): its YAML files."""
     folder = config_dir() / group
@@ -96,3 +108,153 @@ def check_group_overrides(overrides: list[str], config_name: str | None = None) 
                     f"{key}={choice} is not a known {key}: the choices are {', '.join(options)} "
                     f"(the files in conf/{key}/). For example: {key}={options[0] if options else '...'}."
                 )
+
+
+# ----------------------------------------------------------------------------- the pre-flight check
+HYDRA_FLAGS_WITHOUT_A_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
+                             "--resolve", "-p", "--package")
+
+
+def quote_unlexable(overrides: list[str]) -> list[str]:
+    """Quote values Hydra's override grammar cannot read as they are (``data.root=/data/données``: Hydra's
+    lexer takes only ASCII in unquoted values), so a path with non-ASCII characters just works."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import OverrideParseException
+
+    parser = OverridesParser.create()
+    fixed = []
+    for arg in overrides:
+        if arg.startswith("-") or "=" not in arg:
+            fixed.append(arg)
+            continue
+        try:
+            parser.parse_overrides([arg])
+            fixed.append(arg)
+            continue
+        except OverrideParseException:
+            pass
+        key, value = arg.split("=", 1)
+        if value and value[0] not in "'\"" and (not value.isascii() or any(c.isspace() for c in value)):
+            quoted = f"{key}='{value.replace(chr(92), chr(92) * 2).replace(chr(39), chr(92) + chr(39))}'"
+            try:
+                parser.parse_overrides([quoted])
+                fixed.append(quoted)
+                continue
+            except OverrideParseException:
+                pass
+        fixed.append(arg)
+    return fixed
+
+
+def first_of_each_sweep(overrides: list[str]) -> list[str]:
+    """One job of a multirun (``model.beta=0.5,1,4`` -> ``model.beta=0.5``), to check before the sweep starts;
+    sweeps without a first value (Optuna's ``interval(...)``) are left to each job's own check."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    single = []
+    for override, text in zip(parsed, overrides):
+        if not override.is_sweep_override():
+            single.append(text)
+            continue
+        try:
+            first = next(iter(override.sweep_string_iterator()))
+        except Exception:  # noqa: BLE001 - interval() and friends have no first value
+            continue
+        single.append(f"{override.get_key_element()}={first}")
+    return single
+
+
+def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
+    """Everything that can be checked before a job starts: returns the overrides to hand to Hydra (quoted where
+    needed), or raises ConfigError with one paragraph. Composition, the schema, the output folder."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gencli.schema import validate
+
+    args = quote_unlexable(args)
+    for arg in args:
+        if arg.split("=", 1)[0].lstrip("+~") == "ckpt_path" and verb == "train":
+            raise ConfigError(f"{arg}: gencli train continues a run with resume=PATH (or resume=auto for the run "
+                              "directory's own last checkpoint), through gencli's safe loader; ckpt_path= is not an option.")
+    if any(arg.split("=", 1)[0] in HYDRA_FLAGS_WITHOUT_A_RUN for arg in args):
+        return args
+    multirun = any(arg in ("-m", "--multirun") for arg in args)
+    overrides = [arg for arg in args if not arg.startswith("-")]
+    check_group_overrides(overrides, config_name=config_name)
+    try:
+        single = first_of_each_sweep(overrides) if multirun else overrides
+    except HydraException as err:
+        raise ConfigError(f"the command line could not be read: {' '.join(str(err).split())[:400]}.") from err
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(version_base="1.3", config_dir=str(config_dir())):
+            try:
+                cfg = compose(config_name=config_name, overrides=single, return_hydra_config=True)
+            except (HydraException, OmegaConfBaseException) as err:
+                raise composition_error(err, verb, config_name, single) from err
+            check_output_folder(cfg, multirun)
+            with_runtime(cfg, multirun)
+            validate(cfg, verb)
+    finally:
+        GlobalHydra.instance().clear()
+    return args
+
+
+def composition_error(err: Exception, verb: str, config_name: str, overrides: list[str]) -> ConfigError:
+    """Hydra's composition errors as one paragraph, with the nearest valid key for a misspelled one."""
+    import re
+
+    from hydra import compose
+
+    from gencli.schema import suggest_key
+
+    text = " ".join(str(err).split())
+    match = re.search(r"Could not override '([^']+)'", text)
+    if match:
+        key = match.group(1)
+        groups = [arg for arg in overrides if arg.split("=", 1)[0].lstrip("+~") in set(config_groups())]
+        try:
+            base = compose(config_name=config_name, overrides=groups)
+            hint = suggest_key(key, base)
+        except Exception:  # noqa: BLE001 - no suggestion is better than a second error
+            hint = ""
+        value = next((arg.split("=", 1)[1] for arg in overrides if arg.split("=", 1)[0] == key), "")
+        return ConfigError(f"{key}={value}: there is no such key in gencli {verb}'s config.{hint} See "
+                           f"'gencli {verb} --cfg job' for every key (to add a key on purpose, write +{key}={value}).")
+    return ConfigError(f"the config could not be composed: {text[:500]}. See 'gencli {verb} --cfg job'.")
+
+
+def with_runtime(cfg, multirun: bool) -> None:
+    """Fill in what Hydra sets when a job starts (its output folder), so ``${hydra:...}`` keys resolve here."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict
+
+    with open_dict(cfg):
+        folder = OmegaConf.select(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+        cfg.hydra.runtime.output_dir = str(Path(str(folder)) / ("0" if multirun else ""))
+        cfg.hydra.job.num = 0
+    HydraConfig.instance().set_config(cfg)
+
+
+def check_output_folder(cfg, multirun: bool) -> None:
+    """The run's folder must be creatable: Hydra creates it first thing, with a traceback if it cannot."""
+    from omegaconf import OmegaConf
+
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    try:
+        folder = Path(str(OmegaConf.select(cfg, key))).expanduser()
+    except Exception:  # noqa: BLE001 - left to Hydra when it cannot be resolved here
+        return
+    existing = folder.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    fix = "set paths.log_dir=DIR (where every run goes) or hydra.run.dir=DIR to a writable folder"
+    if not existing.is_dir():
+        raise ConfigError(f"the run folder {folder} cannot be created: {existing} is a file, not a folder; {fix}.")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"the run folder {folder} cannot be created: {existing} is not writable (read-only or "
+                          f"no permission); {fix}.")

@@ -111,9 +111,10 @@ class FolderDataModule(ImageDataModule):
         image_size: int = 32,
         channels: int = 3,
         resize: str = "center_crop",
+        batch_size: int = 128,
         **kwargs,
     ):
-        super().__init__(image_size=image_size, channels=channels, **kwargs)
+        super().__init__(image_size=image_size, channels=channels, batch_size=batch_size, **kwargs)
         if resize not in ("center_crop", "resize"):
             raise ConfigError(f"data.resize={resize!r} is not a resize policy; use center_crop or resize.")
         self.root = Path(str(root)).expanduser() if root else None

@@ -165,8 +165,8 @@ class MNISTDataModule(_DownloadableDataModule):
     torchvision_class = "MNIST"
     homepage = "https://yann.lecun.com/exdb/mnist/ (or any MNIST mirror)"
 
-    def __init__(self, image_size: int = 32, channels: int = 1, **kwargs):
-        super().__init__(image_size=image_size, channels=channels, **kwargs)
+    def __init__(self, image_size: int = 32, channels: int = 1, batch_size: int = 128, **kwargs):
+        super().__init__(image_size=image_size, channels=channels, batch_size=batch_size, **kwargs)
 
     def required_files(self) -> list[str]:
         prefix = "train" if self.source_split == "train" else "t10k"
@@ -239,8 +239,10 @@ class CIFAR10DataModule(_DownloadableDataModule):
     homepage = "https://www.cs.toronto.edu/~kriz/cifar.html (cifar-10-python.tar.gz)"
     folder = "cifar-10-batches-py"
 
-    def __init__(self, image_size: int = 32, channels: int = 3, random_flip: bool = True, **kwargs):
-        super().__init__(image_size=image_size, channels=channels, random_flip=random_flip, **kwargs)
+    def __init__(self, image_size: int = 32, channels: int = 3, random_flip: bool = True, batch_size: int = 128,
+                 **kwargs):
+        super().__init__(image_size=image_size, channels=channels, random_flip=random_flip, batch_size=batch_size,
+                         **kwargs)
 
     def required_files(self) -> list[str]:
         if self.source_split == "train":

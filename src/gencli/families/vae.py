@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.families.autoencoder import EncoderDecoderModel
+from gencli.seeds import SampleGenerator
 
 LIKELIHOODS = {"gaussian": "mse", "bernoulli": "bce"}
 MIN_LOG_SIGMA = -6.0
@@ -38,7 +39,7 @@ class VAE(EncoderDecoderModel):
         latent_dim: int = 16,
         beta: float = 1.0,
         kl_warmup_steps: int = 0,
-        likelihood: str = "gaussian",
+        likelihood: str = "bernoulli",
         obs_sigma: float | None = None,
         sigma_momentum: float = 0.99,
         **base: Any,
@@ -71,11 +72,11 @@ class VAE(EncoderDecoderModel):
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)
 
-    def prior(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         return self.randn((n, self.latent_dim), generator)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, **options: Any) -> Tensor:
+    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
         return self.decode(self.prior(n, generator))
 
     # ---- the bound

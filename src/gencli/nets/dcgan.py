@@ -107,7 +107,7 @@ class DCGANDiscriminator(nn.Module):
         image_size: int,
         base_channels: int = 64,
         max_channels: int = 512,
-        norm: str = "batch",
+        norm: str = "layer",  # works with every GAN loss (WGAN-GP refuses batch norm)
         spectral_norm: bool = False,
         leaky_slope: float = 0.2,
         init_std: float | None = 0.02,
