@@ -1,14 +1,17 @@
 """Checkpoints in and out: the one safe loader, the model rebuilt from a checkpoint, crash-safe saving.
 
 Reading (every path a user gives: ``ckpt=``, ``resume=``, ``model.first_stage_ckpt=``, ``features.ckpt=``,
-and Lightning's own resume through :class:`SafeCheckpointIO`):
+and Lightning's own resume):
 
 - local files only (a URL is refused: download it yourself, and only if you trust it);
 - ``torch.load(weights_only=True)``, so the pickle cannot run code;
 - the checkpoint's format version is checked (:data:`CHECKPOINT_FORMAT`);
 - its stored config passes :func:`gencli.safety.check_config` before anything is built from it.
 
-Writing (:func:`atomic_save`, used by Lightning through :class:`SafeCheckpointIO`): the bytes go into an
+(Lightning reads and writes checkpoints through :class:`gencli.checkpoint_io.SafeCheckpointIO`, which calls
+these functions; it lives apart so that sample and eval, which never train, do not import Lightning.)
+
+Writing (:func:`atomic_save`): the bytes go into an
 anonymous file in the destination folder (Linux ``O_TMPFILE``), which has no name until it is complete
 and fsynced and disappears with the process if it is killed; it is then linked under a temporary name
 and renamed over the final one. So a checkpoint name always holds a complete file (the previous one
@@ -28,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
 
 from gencli.errors import ConfigError, GencliError, RuntimeFailure
 from gencli.safety import check_config
@@ -304,37 +306,6 @@ def save_failure(path: Path, err: OSError) -> RuntimeFailure:
         f"existing checkpoints in {path.parent}, so the last good one is intact. {fix} (or send runs elsewhere with "
         "paths.log_dir=DIR), then continue with the same command and resume=auto (or resume=PATH)."
     )
-
-
-class SafeCheckpointIO(CheckpointIO):
-    """Lightning's checkpoint I/O through gencli's loader and :func:`atomic_save`.
-
-    ``preloaded`` maps a path to a checkpoint already loaded (and checked) by the train job, so
-    resuming does not read a large file twice.
-    """
-
-    def __init__(self, preloaded: dict[str, dict] | None = None):
-        self.preloaded = dict(preloaded or {})
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        target = Path(str(path))
-        try:
-            atomic_save(checkpoint, target)
-        except Exception as err:
-            cause = os_error_in(err)
-            if cause is None:
-                raise
-            raise save_failure(target, cause) from err
-
-    def load_checkpoint(self, path, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
-        key = str(Path(str(path)).expanduser())
-        if key in self.preloaded:
-            return self.preloaded.pop(key)
-        return load_checkpoint(path, key="resume")
-
-    def remove_checkpoint(self, path) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            Path(str(path)).unlink()
 
 
 # ----------------------------------------------------------------------------- resuming

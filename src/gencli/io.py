@@ -131,7 +131,26 @@ def _check_batch(images: np.ndarray, shape: tuple[int, ...], written: int, what:
     return np.ascontiguousarray(images)
 
 
-class NpzImageWriter:
+class _CompleteOrNothing:
+    """A ``with`` block writes the output whole (``close``) or, on an exception, leaves nothing (``abort``)."""
+
+    def close(self) -> Path:
+        raise NotImplementedError
+
+    def abort(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+class NpzImageWriter(_CompleteOrNothing):
     """Stream uint8 NHWC images, batch by batch, into an .npz holding one array ``key`` of shape (n, H, W, C).
 
     An .npz is a zip of .npy files, so this writes what ``np.savez_compressed(path, images=all_images)``
@@ -194,14 +213,6 @@ class NpzImageWriter:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self._tmp)
 
-    def __enter__(self) -> NpzImageWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 def png_name(index: int, n: int) -> str:
@@ -210,7 +221,7 @@ def png_name(index: int, n: int) -> str:
     return f"{index:0{max(6, len(str(max(n - 1, 0))))}d}.png"
 
 
-class PngFolderWriter:
+class PngFolderWriter(_CompleteOrNothing):
     """Write uint8 NHWC images as one PNG per image, named by index (:func:`png_name`), into a folder ``path``.
 
     The files go into a temp folder beside ``path``, renamed to ``path`` by :meth:`close` once all ``n``
@@ -258,14 +269,6 @@ class PngFolderWriter:
     def abort(self) -> None:
         shutil.rmtree(self._tmp, ignore_errors=True)
 
-    def __enter__(self) -> PngFolderWriter:
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
-            self.close()
-        else:
-            self.abort()
 
 
 # ----------------------------------------------------------------------------- checkpoints

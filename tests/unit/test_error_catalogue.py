@@ -141,3 +141,28 @@ def test_catalogue_row(tmp_path, monkeypatch, trained, number, command, code, ne
     for needle in needles:
         assert fill(needle, files) in paragraph, f"{needle!r} not in: {paragraph}"
     assert not (tmp_path / "marker").exists()
+
+
+def test_a_read_only_output_folder(tmp_path, monkeypatch):
+    """A run folder on a read-only file system (a read-only tmpfs where the test may mount one; otherwise a
+    folder without write permission when not root) is one paragraph before Hydra creates anything."""
+    import os
+    import subprocess
+
+    folder = tmp_path / "readonly"
+    folder.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(folder)],
+                             capture_output=True).returncode == 0
+    if not mounted:
+        if os.geteuid() == 0:
+            pytest.skip("cannot mount a read-only tmpfs here, and root ignores folder permissions")
+        folder.chmod(0o555)
+    try:
+        monkeypatch.chdir(tmp_path)
+        code, stderr = run(["train", f"paths.log_dir={folder}/runs"])
+        assert code == 2, stderr
+        assert "cannot be created" in stderr and "is not writable" in stderr and "paths.log_dir" in stderr, stderr
+        assert "Traceback" not in stderr
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(folder)], capture_output=True)

@@ -148,3 +148,24 @@ def test_resume_of_a_missing_or_foreign_file(tmp_path):
         run(tmp_path / "b", [*FAST, f"resume={notes}"])
     with pytest.raises(ConfigError, match="URL"):
         run(tmp_path / "c", [*FAST, "resume=https://example.com/last.ckpt"])
+
+
+def test_sigusr1_on_slurm_requeues_the_job(tmp_path, monkeypatch):
+    """After saving, the requeue signal on SLURM runs `scontrol requeue <job>` (a stand-in scontrol here)."""
+    calls = tmp_path / "calls"
+    scontrol = tmp_path / "bin" / "scontrol"
+    scontrol.parent.mkdir()
+    scontrol.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    scontrol.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{scontrol.parent}:{__import__('os').environ['PATH']}")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    preemption = Preemption()
+    assert "requeued" in preemption.requeue(signal.SIGUSR1)
+    assert calls.read_text().split() == ["requeue", "4242"]
+    assert preemption.requeue(signal.SIGTERM) is None  # SIGTERM: the job ends; the scheduler decides
+    monkeypatch.setenv("SLURM_ARRAY_JOB_ID", "7")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    preemption.requeue(signal.SIGUSR1)
+    assert calls.read_text().split()[-1] == "7_3"
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert "failed" in preemption.requeue(signal.SIGUSR1)

@@ -18,13 +18,8 @@ import pytest
 import torch
 import yaml
 
-from gencli.checkpoints import (
-    CHECKPOINT_FORMAT,
-    SafeCheckpointIO,
-    atomic_save,
-    load_checkpoint,
-    restore_model,
-)
+from gencli.checkpoint_io import SafeCheckpointIO
+from gencli.checkpoints import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, restore_model
 from gencli.config import config_dir
 from gencli.errors import ConfigError
 from gencli.safety import GENCLI_TARGETS, LIBRARY_TARGETS, check_config, iter_nodes

@@ -18,7 +18,6 @@ from gencli.errors import ConfigError, GencliError
 def user_error(err: BaseException) -> GencliError | None:
     """The GencliError behind ``err`` (Hydra's instantiate wraps them), or one made from a config error."""
     from hydra.errors import HydraException, InstantiationException
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
     chain, seen = [], err
     while seen is not None and len(chain) < 20:
@@ -27,7 +26,11 @@ def user_error(err: BaseException) -> GencliError | None:
     for seen in chain:
         if isinstance(seen, GencliError):
             return seen
-    lightning = next((seen for seen in chain if isinstance(seen, MisconfigurationException)), None)
+    # Lightning's own class, looked up only if Lightning is loaded (importing it takes seconds; if it is not
+    # loaded, none of its errors can be in the chain)
+    exceptions = sys.modules.get("lightning.fabric.utilities.exceptions")
+    misconfiguration = getattr(exceptions, "MisconfigurationException", None)
+    lightning = next((seen for seen in chain if misconfiguration and isinstance(seen, misconfiguration)), None)
     if lightning is not None:
         err = lightning  # the reason, not Hydra's "error in call to target" around it
     first = " ".join(str(err).split())[:600]
@@ -36,7 +39,7 @@ def user_error(err: BaseException) -> GencliError | None:
                            "against 'gencli <verb> --cfg job'.")
     if isinstance(err, OmegaConfBaseException | HydraException):
         return ConfigError(f"config error: {first}. See 'gencli <verb> --cfg job' for the keys and their values.")
-    if isinstance(err, MisconfigurationException):
+    if misconfiguration is not None and isinstance(err, misconfiguration):
         return ConfigError(f"Lightning rejected the trainer settings: {first}. On a machine without a GPU use "
                            "trainer=cpu (or trainer=ddp_cpu for two CPU processes).")
     return None

@@ -18,7 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gencli.callbacks.random_state import TrainingRandomState
-from gencli.checkpoints import SafeCheckpointIO
+from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.config import CONF_DIR
 from gencli.errors import GencliError, Interrupted
 from gencli.io import write_json
