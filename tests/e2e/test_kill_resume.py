@@ -23,9 +23,9 @@ import torch
 
 from conftest import describe
 
-# 8x8 digits, batch 32: 50 steps per epoch, 4 epochs = 200 steps; last.ckpt every 20 steps.
-TOTAL_STEPS = 200
-COMMAND = ["train", "model=vae", "data.image_size=8", "data.batch_size=32", "trainer.max_epochs=4",
+# 8x8 digits, batch 32: 50 steps per epoch, 6 epochs = 300 steps; last.ckpt every 20 steps.
+TOTAL_STEPS = 300
+COMMAND = ["train", "model=vae", "data.image_size=8", "data.batch_size=32", "trainer.max_epochs=6",
            "callbacks=minimal", "callbacks.sample_grid.n=4", "callbacks.checkpoint.every_n_steps=20",
            "run_name=killed", "resume=auto"]
 
@@ -102,7 +102,7 @@ def leftovers(folder: Path) -> list[str]:
 
 
 @pytest.mark.slow
-def test_sigkill_at_several_moments_then_the_same_command_finishes(tmp_path, start):
+def test_killed_preempted_interrupted_then_the_same_command_finishes(tmp_path, start):
     folder = run_dir(tmp_path) / "checkpoints"
     kills = []
 
@@ -136,40 +136,41 @@ def test_sigkill_at_several_moments_then_the_same_command_finishes(tmp_path, sta
     # a partial file can only be a hidden .partial from the killed process; the next run removes it
     assert all(name.endswith(".partial") for name in leftovers(folder)), leftovers(folder)
 
-    # 4. the same command again finishes the run, with the right step count
-    result = finish(start())
-    assert result.returncode == 0, describe(result)
-    report = json.loads((run_dir(tmp_path) / "metrics.json").read_text())
-    assert report["status"] == "completed" and report["steps"] == TOTAL_STEPS, report
-    assert report["resumed_from"]["step"] == intact
-    assert step_of(folder / "last.ckpt") == TOTAL_STEPS
-    assert leftovers(folder) == []
-    print("kill points:", kills)
-
-
-@pytest.mark.slow
-def test_sigterm_and_ctrl_c_save_then_exit_with_the_signal_code(tmp_path, start):
-    folder = run_dir(tmp_path) / "checkpoints"
+    # 4. SIGTERM (preemption): the step it stops at is saved, exit 143, metrics.json says interrupted
     proc = start()
-    wait_for(lambda: (folder / "last.ckpt").is_file(), what="last.ckpt")
+    wait_for(lambda: step_of(folder / "last.ckpt") > intact, what="a checkpoint of the resumed run")
     proc.send_signal(signal.SIGTERM)
     result = finish(proc)
     assert result.returncode == 128 + signal.SIGTERM, describe(result)
     assert "Traceback" not in result.stderr and "training stopped by SIGTERM" in result.stderr, describe(result)
     report = json.loads((run_dir(tmp_path) / "metrics.json").read_text())
     assert report["status"] == "interrupted" and "resume=auto" in report["reason"]
-    assert step_of(folder / "last.ckpt") == report["steps"] > 20  # the state after the very last step
+    stopped = step_of(folder / "last.ckpt")
+    assert stopped == report["steps"] > intact  # the state after the very last step, not the last every_n_steps
+    kills.append(("SIGTERM", stopped))
 
+    # 5. Ctrl+C: the same, exit 130
     proc = start()
-    wait_for(lambda: step_of(folder / "last.ckpt") > report["steps"], what="a checkpoint of the resumed run")
+    wait_for(lambda: step_of(folder / "last.ckpt") > stopped, what="a checkpoint after the SIGTERM")
     proc.send_signal(signal.SIGINT)
     result = finish(proc)
     assert result.returncode == 128 + signal.SIGINT, describe(result)
     assert "training stopped by SIGINT (Ctrl+C)" in result.stderr, describe(result)
+    interrupted = step_of(folder / "last.ckpt")
+    kills.append(("Ctrl+C", interrupted))
 
+    # 6. the same command again finishes the run, with the right step count
     result = finish(start())
     assert result.returncode == 0, describe(result)
-    assert json.loads((run_dir(tmp_path) / "metrics.json").read_text())["steps"] == TOTAL_STEPS
+    report = json.loads((run_dir(tmp_path) / "metrics.json").read_text())
+    assert report["status"] == "completed" and report["steps"] == TOTAL_STEPS, report
+    assert report["resumed_from"]["step"] == interrupted
+    assert step_of(folder / "last.ckpt") == TOTAL_STEPS
+    assert leftovers(folder) == []
+    # and once more: a finished run is left as it is, exit 0
+    assert finish(start()).returncode == 0
+    assert json.loads((run_dir(tmp_path) / "metrics.json").read_text()) == report
+    print("kill points:", kills)
 
 
 def mount_tmpfs(path: Path, size_bytes: int) -> bool:

@@ -28,8 +28,8 @@ FAMILIES = {
     "ddpm": ["model=ddpm", "model/net=unet_cpu", "model.net.ch=8", "model.net.attn_resolutions=[]",
              "model.schedule.timesteps=50", "model.sampler.steps=5", "model.ema_decay=0.9"],
 }
-# 8x8 digits in batches of 32: 50 steps per epoch, 3 epochs; side activities at odd moments.
-COMMON = ["data.image_size=8", "data.batch_size=32", "trainer.max_epochs=3", "data.random_flip=true",
+# 8x8 digits in batches of 32: 50 steps per epoch, 2 epochs; side activities at odd moments.
+COMMON = ["data.image_size=8", "data.batch_size=32", "trainer.max_epochs=2", "data.random_flip=true",
           "callbacks.sample_grid.every_n_steps=7", "callbacks.sample_grid.n=4", "callbacks.checkpoint.every_n_steps=0",
           "callbacks.gan_monitor.every_n_steps=5", "callbacks.gan_monitor.n=4", "callbacks.progress_bar=null"]
 
@@ -169,3 +169,19 @@ def test_sigusr1_on_slurm_requeues_the_job(tmp_path, monkeypatch):
     assert calls.read_text().split()[-1] == "7_3"
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     assert "failed" in preemption.requeue(signal.SIGUSR1)
+
+
+def test_a_step_save_does_not_replace_the_validation_save_of_the_same_step(tmp_path):
+    """every_n_steps landing on an epoch's last step: validation still updates best-*.ckpt and rewrites last.ckpt
+    with the finished epoch, so the final last.ckpt is the finished run (and resume=auto sees it as complete)."""
+    from gencli.jobs.resume import epochs_finished
+
+    out = tmp_path / "run"
+    steps_per_epoch = 1617 // 64  # digits' train split in batches of 64 (drop_last)
+    run(out, [*FAST, "trainer.max_epochs=2", f"callbacks.checkpoint.every_n_steps={steps_per_epoch}"])
+    final = last(out)
+    assert final["global_step"] == 2 * steps_per_epoch and epochs_finished(final) == 2
+    assert "val/loss" in final["gencli"]["metrics"]
+    # before the fix the step save marked both validations as done: no best-*.ckpt was ever written
+    best = [p.name for p in (out / "checkpoints").glob("best-*.ckpt")]
+    assert len(best) == 1 and int(best[0][-11:-5]) % steps_per_epoch == 0, best

@@ -35,15 +35,6 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
             remove_stale_partials(self.dirpath)
 
-    def save_last_now(self, trainer) -> str:
-        """Write ``last.ckpt`` for the current step now (all ranks call this; rank 0 writes)."""
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        return self.last_model_path
-
-    def _refresh_last(self, trainer) -> None:
-        if self.save_last and self._last_global_step_saved != trainer.global_step:
-            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         if self.every_n_steps <= 0 or self._should_skip_saving_checkpoint(trainer):
@@ -55,7 +46,22 @@ class ModelCheckpoint(LightningModelCheckpoint):
             self._step_bucket = (trainer.global_step - 1) // self.every_n_steps if trainer.global_step else 0
         if bucket > self._step_bucket:
             self._step_bucket = bucket
-            self._refresh_last(trainer)
+            self.save_last_now(trainer)
+
+    def save_last_now(self, trainer) -> str:
+        """Write ``last.ckpt`` for the current step now (all ranks call this; rank 0 writes). A save at a step
+        boundary does not stand for the validation / epoch-end save of the same step: Lightning's "saved at
+        this step" mark is put back, so that save (the best checkpoint, last.ckpt with the step's final
+        metrics and finished epoch) still happens."""
+        saved_before = self._last_global_step_saved
+        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+        self._last_global_step_saved = saved_before
+        return self.last_model_path
+
+    def _refresh_last(self, trainer) -> None:
+        # after a validation / epoch end: rewrite last.ckpt unless Lightning's own save of this step just did
+        if self.save_last and self._last_global_step_saved != trainer.global_step:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         super().on_train_epoch_end(trainer, pl_module)
