@@ -145,3 +145,20 @@ def test_real_mnist_test_split(shared_mnist):
     assert torch.bincount(labels).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
     mean = torch.cat([dm.train_set.images, dm.val_set.images]).float().mean()
     assert abs(mean - 33.79) < 0.05
+
+
+def test_batched_fetch_gives_the_pixels_of_per_image_fetch():
+    """The training loader fetches a batch at once (__getitems__): same images, labels and flips as one by one."""
+    from gencli.data.base import EpochSampler, UInt8ImageDataset
+
+    images = torch.randint(0, 256, (40, 1, 8, 8), dtype=torch.uint8)
+    dataset = UInt8ImageDataset(images, torch.arange(40), random_flip=True)
+    items = list(EpochSampler(dataset, seed=3, random_flip=True))[:16]
+    assert any(flip for _, flip in items) and not all(flip for _, flip in items)
+    x, y = dataset.__getitems__(items)
+    one_by_one = [dataset[item] for item in items]
+    assert torch.equal(x, torch.stack([xi for xi, _ in one_by_one]))
+    assert torch.equal(y, torch.stack([yi for _, yi in one_by_one]))
+    loader = DigitsDataModule(image_size=8, batch_size=16, seed=3, random_flip=True).train_dataloader()
+    batch_x, batch_y = next(iter(loader))
+    assert batch_x.shape == (16, 1, 8, 8) and batch_x.dtype == torch.float32 and batch_y.shape == (16,)

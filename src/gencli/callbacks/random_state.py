@@ -26,14 +26,8 @@ import torch
 
 
 def capture() -> dict[str, Any]:
-    """The global random state as plain data (loads with ``torch.load(weights_only=True)``)."""
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, internal, gauss_next = random.getstate()
-    state = {
-        "torch": torch.get_rng_state(),
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "python": [version, list(internal), gauss_next],
-    }
+    """The global random state, as each library returns it (taken at every step: kept cheap)."""
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -41,14 +35,27 @@ def capture() -> dict[str, Any]:
 
 def restore(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    name, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss_next = state["python"]
-    random.setstate((version, tuple(internal), gauss_next))
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         states = state["cuda"]
         if len(states) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(states)
+
+
+def to_plain(state: dict[str, Any]) -> dict[str, Any]:
+    """A captured state as plain data, which loads with ``torch.load(weights_only=True)`` (only when saving)."""
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    return {**state, "numpy": [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+            "python": [version, list(internal), gauss_next]}
+
+
+def from_plain(state: dict[str, Any]) -> dict[str, Any]:
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    version, internal, gauss_next = state["python"]
+    return {**state, "numpy": (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached),
+            "python": (version, tuple(internal), gauss_next)}
 
 
 class TrainingRandomState(L.Callback):
@@ -77,12 +84,12 @@ class TrainingRandomState(L.Callback):
 
             # Lightning builds the checkpoint on every rank and rank 0 writes it: collect every rank's state.
             gathered: list[Any] = [None] * self._world_size
-            dist.all_gather_object(gathered, self._after_step)
+            dist.all_gather_object(gathered, to_plain(self._after_step))
             return {"per_rank": gathered}
-        return {"per_rank": [self._after_step]}
+        return {"per_rank": [to_plain(self._after_step)]}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         per_rank = state_dict.get("per_rank") or []
         if per_rank:
             # A run resumed on another number of processes continues every rank from rank 0's stream.
-            self._pending = per_rank[self._rank] if self._rank < len(per_rank) else per_rank[0]
+            self._pending = from_plain(per_rank[self._rank] if self._rank < len(per_rank) else per_rank[0])

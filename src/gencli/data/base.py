@@ -45,6 +45,26 @@ class UInt8ImageDataset(Dataset):
             x = x.flip(-1)
         return x, self.labels[i]
 
+    def __getitems__(self, items: list) -> tuple[Tensor, Tensor]:
+        """A whole batch in one indexing and one conversion (the DataLoader calls this instead of __getitem__ per
+        image; :func:`already_batched` is its collate): per-image conversion and stacking cost ~2 ms per batch of
+        64, a tenth of a small GAN's step on a CPU. Same pixels as __getitem__."""
+        if items and isinstance(items[0], tuple):
+            index = torch.tensor([i for i, _ in items], dtype=torch.long)
+            flips = torch.tensor([bool(f) for _, f in items], dtype=torch.bool)
+        else:
+            index = torch.as_tensor(items, dtype=torch.long)
+            flips = (torch.rand(len(index)) < 0.5) if self.random_flip else torch.zeros(len(index), dtype=torch.bool)
+        x = self.images[index].float() / 127.5 - 1
+        if flips.any():
+            x[flips] = x[flips].flip(-1)
+        return x, self.labels[index]
+
+
+def already_batched(batch):
+    """The collate function of loaders over :class:`UInt8ImageDataset`: ``__getitems__`` already made the batch."""
+    return batch
+
 
 def batches_per_epoch(samples: int, batch_size: int, drop_last: bool) -> int:
     return samples // batch_size if drop_last else -(-samples // batch_size)
@@ -207,6 +227,7 @@ class ImageDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
+            collate_fn=already_batched if isinstance(dataset, UInt8ImageDataset) else None,
             drop_last=shuffle and len(dataset) > self.batch_size,
             # Worker seeds come from this generator, not the global random state the training step draws from.
             generator=torch.Generator().manual_seed(self.seed),

@@ -92,7 +92,7 @@ class Autoencoder(EncoderDecoderModel):
         z = self.encode(noisy)
         loss = self.recon_nll(self.decoder(z), x).mean()
         self._accumulate_moments(z.detach())
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_step({"train/loss": loss}, prog_bar=("train/loss",))
         return loss
 
     def validation_step(self, batch, batch_idx):

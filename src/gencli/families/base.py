@@ -99,11 +99,38 @@ class GenerativeModel(L.LightningModule):
         (``shape[0]`` must be its number of images)."""
         return draw_randn(shape, generator, device=self.device)
 
+    def log_step(self, values: dict[str, Any], prog_bar: tuple[str, ...] = ()) -> None:
+        """Per-step training scalars, at the logger's cadence: see :func:`log_step`."""
+        log_step(self, values, prog_bar)
+
     def configure_optimizers(self):
         return optimizers_from_factories(self, self.optimizer_factory, self.scheduler_factory, interval="step")
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         record_gencli_checkpoint(self, checkpoint)
+
+
+def log_step(module: L.LightningModule, values: dict[str, Any], prog_bar: tuple[str, ...] = ()) -> None:
+    """Log per-step training scalars at the logger's cadence (``trainer.log_every_n_steps``), as Lightning's own
+    LearningRateMonitor does. Lightning writes only those steps' values anyway, but ``self.log`` costs ~1 ms of
+    bookkeeping per value even on the steps it drops (it made a DCGAN step on a CPU 22% slower than a plain
+    loop: scripts/bench_overhead.py). Names in ``prog_bar`` also show in the progress bar."""
+    if not logging_step(module._trainer):
+        return
+    for name, value in values.items():
+        module.log(name, value, prog_bar=name in prog_bar, on_step=True, on_epoch=False)
+
+
+def logging_step(trainer) -> bool:
+    """Whether this training step's scalars are worth logging: the logger writes them (every
+    ``log_every_n_steps``), or they are the first, an epoch's last or the run's last, so the progress bar,
+    ``callback_metrics`` and metrics.json always hold a recent value, short runs included."""
+    connector = getattr(trainer, "_logger_connector", None) if trainer is not None else None
+    if connector is None or trainer.sanity_checking or getattr(connector, "should_update_logs", True):
+        return True
+    loop = trainer.fit_loop.epoch_loop
+    last_steps = trainer.max_steps is not None and 0 < trainer.max_steps - trainer.global_step <= len(trainer.optimizers)
+    return trainer.global_step == 0 or bool(loop.batch_progress.is_last_batch) or last_steps
 
 
 def optimizers_from_factories(module: L.LightningModule, optimizer_factory: Callable | None,

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
-from gencli.families.base import optimizers_from_factories, record_gencli_checkpoint
+from gencli.families.base import log_step, optimizers_from_factories, record_gencli_checkpoint
 
 
 def random_shift(x: Tensor, shift: int, generator: torch.Generator | None = None) -> Tensor:
@@ -97,8 +97,8 @@ class Classifier(L.LightningModule):
         if batch_idx == 0:
             self.check_labels(y)
         loss, logits = self.loss(x, y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", (logits.argmax(1) == y).float().mean())
+        log_step(self, {"train/loss": loss, "train/acc": (logits.argmax(1) == y).float().mean()},
+                 prog_bar=("train/loss",))
         return loss
 
     def validation_step(self, batch, batch_idx):

@@ -218,7 +218,7 @@ class Diffusion(GenerativeModel):
         if self.min_snr_gamma is not None:  # training only: val/loss stays DDPM's simple loss, comparable across runs
             loss = loss * self.schedule.min_snr_weight(self.prediction, t, self.min_snr_gamma, x0)
         loss = loss.mean()
-        self.log("train/loss", loss, prog_bar=True)
+        self.log_step({"train/loss": loss}, prog_bar=("train/loss",))
         return loss
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
@@ -230,7 +230,7 @@ class Diffusion(GenerativeModel):
             return
         decay = ema_update(self.net_ema, self.net, self.ema_decay, int(self.ema_updates))
         self.ema_updates += 1
-        self.log("train/ema_decay", decay, on_step=True, on_epoch=False)
+        self.log_step({"train/ema_decay": decay})
 
     def validation_step(self, batch, batch_idx):
         x0 = self.to_x(batch[0])

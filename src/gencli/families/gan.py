@@ -298,9 +298,7 @@ class GAN(GenerativeModel):
             self.g_steps += 1
             self.update_ema()
             logs["train/g_loss"] = g_loss.detach()
-        self.log_dict(logs, prog_bar=False)
-        self.log_dict({k.split("/")[1]: v for k, v in logs.items() if k in ("train/d_loss", "train/g_loss")},
-                      prog_bar=True, logger=False)
+        self.log_step(logs, prog_bar=("train/d_loss", "train/g_loss"))
         # For the GANMonitor callback (Lightning hands this dict to on_train_batch_end).
         return {"d_acc": logs["train/d_acc"], "d_confident": confident}
 

@@ -124,11 +124,9 @@ class VAE(EncoderDecoderModel):
         t = self.terms(batch[0], training=True)
         beta = self.beta_now()
         loss = (-t["log_px"] + beta * t["kl"]).mean()
-        self.log_dict(
-            {"train/loss": loss, "train/recon": -t["log_px"].mean(), "train/kl": t["kl"].mean(),
-             "train/elbo": t["elbo"].mean(), "train/beta": beta, "train/sigma": self.log_sigma.exp()},
-        )
-        self.log("train/elbo_per_dim", t["elbo"].mean() / self.pixels, prog_bar=True, logger=False)
+        self.log_step({"train/loss": loss, "train/recon": -t["log_px"].mean(), "train/kl": t["kl"].mean(),
+                       "train/elbo": t["elbo"].mean(), "train/beta": beta, "train/sigma": self.log_sigma.exp(),
+                       "train/elbo_per_dim": t["elbo"].mean() / self.pixels}, prog_bar=("train/elbo_per_dim",))
         return loss
 
     def validation_step(self, batch, batch_idx):
