@@ -91,3 +91,47 @@ def test_progress_bar_epoch_text_for_open_ended_runs(max_epochs, expected):
     bar = TrainingProgressBar()
     bar._trainer = SimpleNamespace(max_epochs=max_epochs)
     assert bar._get_train_description(14).strip() == expected
+
+
+@pytest.mark.parametrize("kernel", ["single", "foreach", "fused"])
+def test_optimizer_kernels_train_the_same(compose_cfg, kernel):
+    """hardware.optimizer_kernel changes how Adam updates, not what: the loss curve of 30 steps stays within noise of
+    torch's default update (weights themselves are no test: conv biases ahead of a BatchNorm get pure-noise
+    gradients, which Adam scales up to full steps whatever the kernel), for the VAE's optimiser and the GAN's two."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    class Losses(L.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            value = outputs["loss"] if "loss" in outputs else outputs["d_acc"]
+            self.values.append(float(value))
+
+    def train(kernel_name: str, model_name: str):
+        extra = (["model.generator.base_channels=8", "model.discriminator.base_channels=8"] if model_name == "dcgan"
+                 else [])
+        cfg = compose_cfg("train", [f"model={model_name}", "data.image_size=8", f"hardware.optimizer_kernel={kernel_name}",
+                                    *extra])
+        L.seed_everything(0, verbose=False)
+        model = instantiate(cfg.hardware).apply(instantiate(cfg.model))
+        losses = Losses()
+        trainer = L.Trainer(accelerator="cpu", max_steps=30 * (2 if model_name == "dcgan" else 1), logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            limit_val_batches=0, callbacks=[losses])
+        trainer.fit(model, datamodule=instantiate(cfg.data))
+        return torch.tensor(losses.values), trainer.optimizers
+
+    for model_name in ("vae", "dcgan"):
+        reference, _ = train("auto", model_name)
+        curve, optimizers = train(kernel, model_name)
+        for optimizer in optimizers:
+            group = optimizer.param_groups[0]
+            if kernel == "fused":
+                assert group["fused"] is True
+            else:
+                assert group["foreach"] is (kernel == "foreach")
+        # the curves fall together: same start, and within a few percent all along (noise, not another optimiser)
+        assert curve[0] == pytest.approx(float(reference[0]), rel=1e-5)
+        assert torch.allclose(curve, reference, rtol=0.05, atol=0.05), (model_name, curve, reference)

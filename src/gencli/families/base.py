@@ -16,6 +16,7 @@ through :meth:`GenerativeModel.randn` (or the samplers' ``randn``), which handle
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -138,13 +139,23 @@ def optimizers_from_factories(module: L.LightningModule, optimizer_factory: Call
     """Lightning's configure_optimizers from the config's ``_partial_`` optimizer/scheduler (Adam 1e-3 when
     none is configured); frozen parameters (an LDM's first stage) are left out."""
     params = [p for p in module.parameters() if p.requires_grad]
-    if optimizer_factory is None:
-        return torch.optim.Adam(params, lr=1e-3)
-    optimizer = optimizer_factory(params=params)
+    optimizer = build_optimizer(module, optimizer_factory, params, lr=1e-3)
     if scheduler_factory is None:
         return optimizer
     scheduler = scheduler_factory(optimizer=optimizer)
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": interval}}
+
+
+def build_optimizer(module: L.LightningModule, factory: Callable | None, params: list, **default: Any):
+    """``factory(params=...)`` (Adam with ``default`` settings when None), with the update kernel that
+    ``hardware.optimizer_kernel`` asks for (``module.optimizer_kernel``, set by HardwareSettings.apply)."""
+    import inspect
+
+    factory = factory or functools.partial(torch.optim.Adam, **default)
+    kernel = getattr(module, "optimizer_kernel", "auto")
+    accepts = inspect.signature(getattr(factory, "func", factory)).parameters
+    extra = {"fused": {"fused": True}, "foreach": {"foreach": True}, "single": {"foreach": False}}.get(kernel, {})
+    return factory(params=params, **{k: v for k, v in extra.items() if k in accepts})
 
 
 def record_gencli_checkpoint(module: L.LightningModule, checkpoint: dict[str, Any], **extra: Any) -> None:

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
-from gencli.families.base import GenerativeModel
+from gencli.families.base import GenerativeModel, build_optimizer
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
 from gencli.seeds import SampleGenerator
 
@@ -240,13 +240,9 @@ class GAN(GenerativeModel):
 
     # ----------------------------------------------------------------- training
     def configure_optimizers(self):
-        def build(factory, params, default_lr):
-            if factory is None:
-                return torch.optim.Adam(params, lr=default_lr, betas=(0.5, 0.999))
-            return factory(params=params)
-
-        opt_g = build(self.g_optimizer_factory, list(self.generator.parameters()), 2e-4)
-        opt_d = build(self.d_optimizer_factory, list(self.discriminator.parameters()), 2e-4)
+        defaults = {"lr": 2e-4, "betas": (0.5, 0.999)}
+        opt_g = build_optimizer(self, self.g_optimizer_factory, list(self.generator.parameters()), **defaults)
+        opt_d = build_optimizer(self, self.d_optimizer_factory, list(self.discriminator.parameters()), **defaults)
         return [opt_g, opt_d]
 
     def on_fit_start(self) -> None:
