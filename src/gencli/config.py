@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import gencli.jobs  # noqa: F401 - its warning filters apply to composing configs too
 from gencli.errors import ConfigError
 
 
@@ -45,8 +46,9 @@ def group_options(group: str) -> list[str]:
 def config_groups() -> list[str]:
     """Every config group, nested ones (``model/net``) included; not Hydra's own settings."""
     root = config_dir()
+    # (Hydra's own groups, hydra/launcher, hydra/sweeper..., also get options from installed plugins: not ours to check)
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
-                  if p.is_dir() and p.name != "hydra" and any(p.glob("*.yaml")))
+                  if p.is_dir() and "hydra" not in p.relative_to(root).parts and any(p.glob("*.yaml")))
 
 
 def primary_defaults(config_name: str) -> dict[str, str | None]:

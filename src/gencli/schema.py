@@ -154,6 +154,7 @@ class TrainJob:
     seed: int
     optimized_metric: str | None
     resume: str | None
+    sweep: dict
 
 
 @dataclass

@@ -12,7 +12,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from gencli.errors import ConfigError, GencliError
+from gencli.errors import ConfigError, GencliError, Interrupted
 
 
 def user_error(err: BaseException) -> GencliError | None:
@@ -46,19 +46,52 @@ def user_error(err: BaseException) -> GencliError | None:
 
 
 def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
-    """Run ``job``; print a user error as one paragraph and exit 2 (usage) or 1 (runtime)."""
+    """Run ``job``; print a user error as one paragraph and exit 2 (usage) or 1 (runtime).
+
+    Every job leaves a ``job.json`` record (:mod:`gencli.sweep`). In a multirun a failed job does not end the
+    sweep: it is recorded, and the job returns NaN (a failed trial to Optuna); the sweep's summary reports it
+    and the command exits 1 at the end. A signal (Interrupted) still stops the whole sweep.
+    """
+    import time
+
     from gencli.hardware import keep_freed_memory
+    from gencli.sweep import finished_record, in_multirun, write_job_record
 
     keep_freed_memory()  # large CPU batches: reuse freed memory instead of page-faulting it in again
+    started, multirun = time.perf_counter(), in_multirun()
+    out_dir = cfg.paths.output_dir if cfg.get("paths") and cfg.paths.get("output_dir") else None
+    if multirun and (cfg.get("sweep") or {}).get("skip_done") and out_dir:
+        done = finished_record(out_dir)
+        if done is not None:
+            import logging
+
+            logging.getLogger(__name__).info("sweep.skip_done: %s already completed (value %s); skipped", out_dir,
+                                             done.get("value"))
+            return done.get("value") if done.get("value") is not None else float("nan")
     try:
         from gencli.schema import validate
 
         # Again inside the job: the CLI checked one job of a multirun; every job (and every DDP rank) checks its own.
         validate(cfg, str(cfg.get("task_name")))
-        return job(cfg)
+        value = job(cfg)
+        if out_dir and rank_zero():
+            write_job_record(out_dir, "completed", value, seconds=time.perf_counter() - started)
+        return value
     except Exception as err:
         gencli_error = user_error(err)
-        if gencli_error is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+        first = rank_zero()
+        if out_dir and first:
+            status = "interrupted" if isinstance(gencli_error, Interrupted) else "failed"
+            reason = gencli_error.message if gencli_error is not None else f"{type(err).__name__}: {err}"
+            write_job_record(out_dir, status, reason=reason, seconds=time.perf_counter() - started,
+                             exit_code=gencli_error.exit_code if gencli_error is not None else 1)
+        if gencli_error is None or full:
+            if multirun and not full and first and not launched_rank():
+                import logging
+
+                logging.getLogger(__name__).exception("this job failed; the sweep goes on (see its job.json)")
+                return float("nan")
             raise
         release_process_group()
         if launched_rank():
@@ -66,7 +99,18 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         from rich.console import Console
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]gencli error:[/] {gencli_error.message}", highlight=False)
+        if multirun and not isinstance(gencli_error, Interrupted):
+            return float("nan")  # recorded; the sweep goes on, and its summary exits 1 at the end
         sys.exit(gencli_error.exit_code)
+
+
+def rank_zero() -> bool:
+    """Whether this process speaks for the run (writes its records): rank 0 of a DDP run, or the only process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank() == 0
+    return not launched_rank()
 
 
 #: Set by a job before Lightning may launch more ranks (they inherit it): the launching process's id.

@@ -74,7 +74,11 @@ def checkpoint_folder(cfg: DictConfig) -> Path:
 
 
 def resume_point(cfg: DictConfig) -> ResumePoint | None:
+    from gencli.sweep import in_multirun
+
     value = cfg.get("resume")
+    if value is None and (cfg.get("sweep") or {}).get("skip_done") and in_multirun():
+        value = "auto"  # re-running a sweep: an unfinished job continues from its last checkpoint
     folder = checkpoint_folder(cfg)
     if value is None or value == "":
         existing = sorted(p.name for p in folder.glob("*.ckpt")) if folder.is_dir() else []
