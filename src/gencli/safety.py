@@ -63,6 +63,7 @@ GENCLI_TARGETS = frozenset({
     "gencli.callbacks.GANMonitor",
     "gencli.callbacks.SampleQuality",
     "gencli.callbacks.Preemption",
+    "gencli.callbacks.OptunaPruning",
     "gencli.metrics.sample_metrics.FIDMetric",
     "gencli.metrics.sample_metrics.KIDMetric",
     "gencli.metrics.sample_metrics.ISMetric",

@@ -1,0 +1,73 @@
+"""OptunaPruning: report the optimised metric to this job's Optuna trial, and stop the run when it is pruned.
+
+Active only in a job of gencli's Optuna search (``hparams_search=<family>_optuna``), whose sweeper
+passes the trial number as ``sweep.trial=N`` (:mod:`gencli.optuna_search`); the study's storage and
+name come from the sweep's Hydra config. After every validation (and, for families without one,
+every training epoch, after the sample-quality callback has logged its FID/KID) it reports
+``monitor`` at step = epoch and asks the study's pruner; a pruned run stops like an early-stopped one
+(checkpoints and metrics.json are written, ``"status": "pruned"``), and the sweeper records the trial
+as PRUNED. Under DDP rank 0 reports and asks; every rank gets the answer.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning as L
+
+log = logging.getLogger(__name__)
+
+
+class OptunaPruning(L.Callback):
+    def __init__(self, trial: int | None = None, monitor: str | None = None):
+        self.trial_number = None if trial is None else int(trial)
+        self.monitor = monitor
+        self.trial = None
+        self.pruned = False
+        self._reported_epoch = -1
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.trial_number is None or self.monitor is None or not trainer.is_global_zero:
+            return
+        import optuna
+        from hydra.core.hydra_config import HydraConfig
+
+        sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else {}
+        storage, name = sweeper.get("storage"), sweeper.get("study_name")
+        if not storage:
+            log.warning("sweep.trial=%s but the sweep has no Optuna storage: nothing to report to, no pruning",
+                        self.trial_number)
+            return
+        study = optuna.load_study(study_name=name, storage=storage)
+        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.trial_number)
+        self.trial = optuna.trial.Trial(study, trial_id)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self.report(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.report(trainer)  # families without validation (GANs) log their sample quality here
+
+    def report(self, trainer) -> None:
+        # Every rank takes the same path: whether this epoch was reported is rank 0's answer, broadcast with the
+        # pruning decision, so no rank enters a broadcast that the others skip.
+        if self.trial_number is None or self._reported_epoch == trainer.current_epoch:
+            return
+        reported, prune = False, False
+        if trainer.is_global_zero and self.trial is not None:
+            value = trainer.callback_metrics.get(self.monitor)
+            if value is not None and math.isfinite(float(value)):
+                reported = True
+                self.trial.report(float(value), step=trainer.current_epoch)
+                prune = self.trial.should_prune()
+        if trainer.world_size > 1:
+            reported, prune = trainer.strategy.broadcast((reported, prune), src=0)
+        if reported:
+            self._reported_epoch = trainer.current_epoch
+        if prune:
+            self.pruned = True
+            trainer.should_stop = True
+            log.info("Optuna pruned trial %d after epoch %d (%s = %s): stopping this run", self.trial_number,
+                     trainer.current_epoch, self.monitor, trainer.callback_metrics.get(self.monitor))
