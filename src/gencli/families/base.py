@@ -57,6 +57,43 @@ class GenerativeModel(L.LightningModule):
         #: that ``gencli sample ckpt=...`` rebuilds the model with nothing else.
         self.run_config: dict | None = None
 
+    # ----------------------------------------------------------------- every rank, the same run
+    def setup(self, stage: str) -> None:
+        """Under DDP: check that every rank was started with the same run config, before any step.
+
+        Ranks that rebuild their config from a command line (Lightning's DDP launcher, a sweep that a
+        rank re-ran as a sweep of its own) could train other hyper-parameters while averaging gradients
+        with each other, silently. Each rank logs its config's hash; a difference stops the run on every rank.
+        """
+        trainer = self._trainer
+        if trainer is None or trainer.world_size < 2 or not isinstance(self.run_config, dict):
+            return
+        import hashlib
+        import json
+        import logging
+
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return
+        mine = {k: v for k, v in self.run_config.items() if k != "hydra"}
+        digest = hashlib.sha256(json.dumps(mine, sort_keys=True, default=str).encode()).hexdigest()[:16]
+        every: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(every, (digest, mine))
+        logging.getLogger(__name__).info("DDP rank %d of %d: run config %s", dist.get_rank(), len(every), digest)
+        if any(other != digest for other, _ in every):
+            from gencli.errors import RuntimeFailure
+
+            first_digest, first = every[0]  # every rank describes the same differences: each rank against rank 0
+            differ = sorted(f"{rank}: {key}" for rank, (other, config) in enumerate(every) if other != first_digest
+                            for key in _differing_keys(first, config))
+            raise RuntimeFailure(
+                f"the {len(every)} DDP ranks of this run were started with different configs (hashes "
+                f"{[d for d, _ in every]}; differing keys, by rank: {differ[:10]}): every rank must train the same "
+                "model. Start the ranks with the same overrides (under SLURM or torchrun, the same command on "
+                "every node); in a sweep, use gencli's own multirun (each job's ranks run that job's overrides)."
+            )
+
     # ----------------------------------------------------------------- the interface
     @torch.no_grad()
     def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
@@ -194,3 +231,11 @@ def plain(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return type(value)(plain(v) for v in value)
     return value
+
+
+def _differing_keys(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two plain nested dicts."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [key for name in sorted(set(a) | set(b), key=str)
+                for key in _differing_keys(a.get(name), b.get(name), f"{prefix}{name}.")]
+    return [] if a == b else [prefix.rstrip(".")]

@@ -245,6 +245,16 @@ class GAN(GenerativeModel):
         opt_d = build_optimizer(self, self.d_optimizer_factory, list(self.discriminator.parameters()), **defaults)
         return [opt_g, opt_d]
 
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        # Under DDP each backward reduces every parameter it is given: the discriminator's step leaves the
+        # generator without gradients (and, in G's turns, D's gradients are not wanted), which DDP refuses
+        # at the next step unless it looks for unused parameters. The strategy wraps the model after this
+        # hook, so the setting still applies; it costs one graph traversal per backward, as GANs need.
+        kwargs = getattr(self._trainer.strategy, "_ddp_kwargs", None) if self._trainer is not None else None
+        if isinstance(kwargs, dict) and not kwargs.get("find_unused_parameters"):
+            kwargs["find_unused_parameters"] = True
+
     def on_fit_start(self) -> None:
         if self.loss == "wgan_gp" and getattr(self.discriminator, "_compiled_call_impl", None) is not None:
             raise ConfigError("hardware.compile=true cannot train model.loss=wgan_gp: the gradient penalty needs a "

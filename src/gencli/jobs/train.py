@@ -25,6 +25,7 @@ from gencli.io import write_json
 from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
 from gencli.provenance import environment
+from gencli.sweep import ranks_run_this_job
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,8 @@ def train(cfg: DictConfig) -> float | None:
     checkpoint_io = SafeCheckpointIO(preloaded={str(resume.path): resume.checkpoint} if resume else None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
     try:
-        with launcher_mark():  # ranks Lightning starts from here know their launcher (see jobs.common.run_job)
+        # ranks Lightning starts from here know their launcher (jobs.common.run_job) and run this job, not a sweep
+        with launcher_mark(), ranks_run_this_job(cfg.paths.output_dir):
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
     except GencliError as err:
         if trainer.is_global_zero:
@@ -58,8 +60,10 @@ def train(cfg: DictConfig) -> float | None:
         raise
 
     metrics = scalar_metrics(trainer)
+    pruned = any(getattr(callback, "pruned", False) for callback in trainer.callbacks)
     if trainer.is_global_zero:
-        write_outputs(cfg, trainer, metrics, resume)
+        write_outputs(cfg, trainer, metrics, resume, status="pruned" if pruned else "completed",
+                      reason="stopped early by the Optuna search's pruner" if pruned else None)
     value = metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None or not math.isfinite(value) else value
 
