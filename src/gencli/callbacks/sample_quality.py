@@ -14,10 +14,18 @@ checkpoint monitor and the ``optimized_metric`` a sweep optimises:
     gencli train ... callbacks.sample_quality.every_n_epochs=1 \
         model.monitor=val/fid_domain model.monitor_mode=min
 
-Only rank 0 samples and measures; the values are broadcast to the other ranks so that every rank
-logs the same number and none waits on a collective the others never enter. The model's random
-state and the training RNG are untouched (sampling uses its own generator; the classifier trains
-under ``fork_rng``). Numbers from a few hundred samples are biased upwards (FID especially): they
+Under DDP the ranks share the work: of the ``n`` images, rank ``r`` of ``W`` samples the contiguous
+block ``n*r//W .. n*(r+1)//W - 1`` (image ``i`` has its own (seed, i) generator, so it is the same
+image whatever ``W``; ``n`` need not be a multiple of ``W``) and extracts its features, and the
+metric states are combined by torchmetrics' distributed sync (FID's sums summed, KID's features
+gathered in image order; the cached real side is held by rank 0 alone, so it counts once); see
+:mod:`gencli.metrics.sample_metrics`. Every rank then computes the same values, equal to a
+single-process measurement of the same ``n`` samples up to float rounding, and logs them; all ranks
+enter the same collectives in the same order, and an error on one rank is raised on all of them. On
+first use rank 0 trains the domain classifier and computes the reference statistics, writing the
+caches, while the other ranks wait, then read them (``cache_dir`` must be one folder that every
+rank sees). The model's random state and the training RNG are untouched (sampling uses its own
+generators; the classifier trains under ``fork_rng``). Numbers from a few hundred samples are biased upwards (FID especially): they
 rank checkpoints of one run; use ``gencli eval`` with ``n`` in the thousands for reporting.
 """
 
@@ -30,8 +38,14 @@ import lightning as L
 import torch
 
 from gencli.families.base import GenerativeModel
-from gencli.metrics.reference import load_or_compute
-from gencli.metrics.sample_metrics import FIDMetric, KIDMetric, metric_suffix, run_sample_metrics
+from gencli.metrics.sample_metrics import (
+    FIDMetric,
+    KIDMetric,
+    Shard,
+    metric_suffix,
+    prepare_features_and_reference,
+    run_sample_metrics,
+)
 from gencli.metrics.sources import ModelSource
 
 log = logging.getLogger(__name__)
@@ -97,9 +111,7 @@ class SampleQuality(L.Callback):
     def measure_and_log(self, trainer, pl_module) -> None:
         epoch = trainer.current_epoch
         if self._logged_epoch != epoch and self.due(trainer):
-            values = self.measure(trainer, pl_module) if trainer.is_global_zero else None
-            if trainer.world_size > 1:
-                values = trainer.strategy.broadcast(values, src=0)
+            values = self.measure(trainer, pl_module)  # every rank: its share, then the same combined values
             self.last = values
             self.history.append((epoch, values))
         self._logged_epoch = epoch
@@ -113,20 +125,21 @@ class SampleQuality(L.Callback):
         datamodule = trainer.datamodule
         if datamodule is None:
             raise RuntimeError("SampleQuality needs the trainer's data module (trainer.fit(model, datamodule=...)).")
+        shard = Shard.of_process_group(pl_module.device) if trainer.world_size > 1 else None
         was_training = pl_module.training
         pl_module.eval()
         try:
-            self.features.prepare(datamodule, pl_module.device)
-            ref = load_or_compute(datamodule, self.reference_split, self.features, self.reference_n, self.cache_dir,
-                                  batch_size=self.batch_size, use_cache=self.cache)
+            ref = prepare_features_and_reference(self.features, datamodule, pl_module.device, self.reference_split,
+                                                 self.reference_n, self.cache_dir, self.batch_size, self.cache, shard)
             fid, kid = FIDMetric(), KIDMetric(subsets=self.kid_subsets, subset_size=self.kid_subset_size)
             source = ModelSource(pl_module, self.n, self.seed)
             out = run_sample_metrics([fid, kid], source, self.features, ref, self.batch_size, self.seed,
-                                     description=f"sample quality (epoch {trainer.current_epoch})")
+                                     description=f"sample quality (epoch {trainer.current_epoch})", shard=shard)
         finally:
             pl_module.train(was_training)
         suffix = metric_suffix(self.features)
         values = {"fid": out["values"][id(fid)][f"fid{suffix}"], "kid": out["values"][id(kid)][f"kid{suffix}"]}
-        log.info("epoch %d: %s=%.4g %s=%.4g (%d samples, %.0f images/s)", trainer.current_epoch, self.names[0],
-                 values["fid"], self.names[1], values["kid"], self.n, out["images_per_second"])
+        where = "" if shard is None else f", {out['n_here']} of them on rank {shard.rank} of {shard.world_size}"
+        log.info("epoch %d: %s=%.4g %s=%.4g (%d samples%s, %.0f images/s)", trainer.current_epoch, self.names[0],
+                 values["fid"], self.names[1], values["kid"], self.n, where, out["images_per_second"])
         return values

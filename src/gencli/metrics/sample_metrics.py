@@ -18,6 +18,21 @@ PRDC is gencli's own (:mod:`gencli.metrics.prdc`), on the same features.
 KID's subsets and IS's split order are drawn from torch's global generator: gencli seeds it from
 ``seed`` (inside ``fork_rng``) so the same command gives the same numbers.
 
+Shared by several processes (``shard=``, :class:`Shard`: the SampleQuality callback under DDP), the
+pass is split, not repeated: of ``n`` images, process ``r`` of ``W`` generates the contiguous block
+``n*r//W .. n*(r+1)//W - 1`` (image ``i`` is the same image whatever ``W``: per-image seeds) and
+extracts its features, and the metric states are combined by torchmetrics' own distributed sync at
+``compute()``: FID's sums are summed over the ranks, KID's and IS's feature lists gathered in rank
+order (so the concatenation is images 0..n-1 in order, and the seeded subsets and splits pick the
+same images as in one process). Each list state holds exactly one tensor per rank before the sync
+(torchmetrics gathers a list element by element, and ranks with different numbers of batches would
+enter different numbers of collectives). The real side is held by rank 0 alone (the other ranks keep
+zero sums and an empty bank), so the summed or gathered states count it once. PRDC all-gathers the
+generated features (first ``max_samples`` in image order). The gathers run on the process group's
+device (the rank's GPU under NCCL) and the states come back to the CPU, where every rank computes
+the same float64 numbers from the same combined states: the values equal one process's up to the
+order of a few float64 sums (and, for blocks batched differently, float32 kernels' rounding).
+
 Metric names carry the extractor: ``fid``, ``kid``, ``is`` ... for Inception (comparable with papers),
 ``fid_domain``, ``kid_domain``, ``is_domain`` ... for the domain classifier (not comparable).
 """
@@ -27,6 +42,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -35,15 +51,101 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.metrics.base import EvalContext, EvalMetric, MetricResult
+from gencli.metrics.domain import key_hash
 from gencli.metrics.prdc import prdc
 from gencli.metrics.reference import ReferenceStats, load_or_compute
-from gencli.metrics.sources import FileSource, ImageSource, ModelSource
+from gencli.metrics.sources import FileSource, ImageSource, ModelSource, quantise
 from gencli.progress import track_batches
 
 log = logging.getLogger(__name__)
 
-#: torchmetrics must not try to all-gather states: only one process computes these.
+#: torchmetrics must not try to all-gather states: only one process computes these (unless a Shard says otherwise).
 METRIC_KWARGS = {"sync_on_compute": False}
+
+
+# ----------------------------------------------------------------------------- several processes
+@dataclass(frozen=True)
+class Shard:
+    """This process's share of a pass split across the ``world_size`` processes of torch.distributed's default group.
+
+    ``device`` is where collectives run: the rank's CUDA device under NCCL, the CPU under gloo.
+    """
+
+    rank: int
+    world_size: int
+    device: torch.device = torch.device("cpu")
+
+    @classmethod
+    def of_process_group(cls, device: torch.device | str | None = None) -> Shard | None:
+        """This process's Shard when torch.distributed is initialised with 2 or more processes, else None."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return None
+        device = torch.device(device or "cpu")
+        backend = str(dist.get_backend())
+        on_device = device.type != "cpu" and backend not in ("gloo", "mpi") and not backend.startswith("cpu:") \
+            and ",cpu:" not in backend
+        return cls(dist.get_rank(), dist.get_world_size(), device if on_device else torch.device("cpu"))
+
+    def block(self, n: int) -> tuple[int, int]:
+        """``(start, stop)``: this rank's contiguous block of images ``0 .. n-1`` (sizes differ by at most one)."""
+        return n * self.rank // self.world_size, n * (self.rank + 1) // self.world_size
+
+    def gather(self, tensor: Tensor, group: Any = None) -> list[Tensor]:
+        """Every rank's ``tensor`` (shapes may differ in their sizes), in rank order, on ``tensor``'s device.
+
+        torchmetrics' ``gather_all_tensors`` on the backend's device: the ``dist_sync_fn`` of gencli's metrics.
+        """
+        from torchmetrics.utilities.distributed import gather_all_tensors
+
+        return [t.to(tensor.device) for t in gather_all_tensors(tensor.to(self.device), group)]
+
+    def all_gather_object(self, obj: Any) -> list[Any]:
+        """Every rank's picklable ``obj``, in rank order (a collective: every rank must call it)."""
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def metric_kwargs(shard: Shard | None) -> dict[str, Any]:
+    """torchmetrics keyword arguments: no sync in one process; its own sync over ``shard``'s ranks otherwise."""
+    if shard is None:
+        return dict(METRIC_KWARGS)
+    return {"sync_on_compute": True, "dist_sync_fn": shard.gather}
+
+
+def one_tensor_per_rank(metric, names: tuple[str, ...], dim: int) -> None:
+    """Concatenate each list state of ``metric`` into a single tensor ((0, dim) when empty) before the sync.
+
+    torchmetrics gathers a list state (``dist_reduce_fx=None``) one element at a time: ranks holding different
+    numbers of batches would enter different numbers of collectives, and one would wait forever.
+    """
+    for name in names:
+        parts = getattr(metric, name)
+        setattr(metric, name, [torch.cat(parts) if parts else torch.zeros(0, dim, dtype=torch.float64)])
+
+
+class ModelBlock(ImageSource):
+    """Images ``start .. stop - 1`` of a :class:`ModelSource`: each from its own (seed, i) generator, so the
+    same images as in the whole pass, whatever the blocks."""
+
+    def __init__(self, source: ModelSource, start: int, stop: int):
+        self.source, self.start, self.stop = source, int(start), int(stop)
+        self.n = self.stop - self.start
+
+    @torch.no_grad()
+    def stream(self, batch_size: int):
+        from gencli.seeds import PerImageGenerator
+
+        for start in range(self.start, self.stop, int(batch_size)):
+            generator = PerImageGenerator.for_range(self.source.seed, start, min(int(batch_size), self.stop - start))
+            yield quantise(self.source.model.sample(len(generator), generator=generator, **self.source.options))
+
+    def describe(self) -> dict[str, Any]:
+        return {**self.source.describe(), "images_here": [self.start, self.stop]}
 
 
 class PrecomputedFeatures(nn.Module):
@@ -78,7 +180,8 @@ class SampleMetric(EvalMetric):
 
     needs_logits = False
 
-    def begin(self, ref: ReferenceStats, n_fake: int) -> None:
+    def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
+        """Start a pass of ``n_fake`` generated images (all ranks' together when ``shard`` is given)."""
         raise NotImplementedError
 
     def update(self, features: Tensor, logits: Tensor | None) -> None:
@@ -100,13 +203,14 @@ class FIDMetric(SampleMetric):
 
     name = "fid"
 
-    def begin(self, ref: ReferenceStats, n_fake: int) -> None:
+    def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
         from torchmetrics.image.fid import FrechetInceptionDistance
 
-        self.metric = FrechetInceptionDistance(feature=PrecomputedFeatures(ref.features.shape[1]), **METRIC_KWARGS)
-        self.metric.real_features_sum = torch.from_numpy(np.asarray(ref.feature_sum, dtype=np.float64)).clone()
-        self.metric.real_features_cov_sum = torch.from_numpy(np.asarray(ref.outer_sum, dtype=np.float64)).clone()
-        self.metric.real_features_num_samples = torch.tensor(int(ref.n), dtype=torch.long)
+        self.metric = FrechetInceptionDistance(feature=PrecomputedFeatures(ref.features.shape[1]), **metric_kwargs(shard))
+        if shard is None or shard.rank == 0:  # the sync sums every state over the ranks: the real side counts once
+            self.metric.real_features_sum = torch.from_numpy(np.asarray(ref.feature_sum, dtype=np.float64)).clone()
+            self.metric.real_features_cov_sum = torch.from_numpy(np.asarray(ref.outer_sum, dtype=np.float64)).clone()
+            self.metric.real_features_num_samples = torch.tensor(int(ref.n), dtype=torch.long)
         self.notes = []
         dim = ref.features.shape[1]
         if min(ref.n, n_fake) <= dim:
@@ -136,7 +240,7 @@ class KIDMetric(SampleMetric):
         self.coef = at_least("kid.coef", coef, 1e-12, float)  # torchmetrics wants a float > 0 (an int 1 fails)
         self.gamma = None if gamma is None else at_least("kid.gamma", gamma, 1e-12, float)
 
-    def begin(self, ref: ReferenceStats, n_fake: int) -> None:
+    def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
         from torchmetrics.image.kid import KernelInceptionDistance
 
         self.used_subset_size = min(self.subset_size, ref.n, n_fake)
@@ -146,14 +250,19 @@ class KIDMetric(SampleMetric):
             warnings.simplefilter("ignore", UserWarning)
             self.metric = KernelInceptionDistance(
                 feature=PrecomputedFeatures(ref.features.shape[1]), subsets=self.subsets,
-                subset_size=self.used_subset_size, degree=self.degree, gamma=self.gamma, coef=self.coef, **METRIC_KWARGS,
+                subset_size=self.used_subset_size, degree=self.degree, gamma=self.gamma, coef=self.coef,
+                **metric_kwargs(shard),
             )
-        self.metric.real_features.append(ref.features.double())
+        self.shard, self.dim = shard, int(ref.features.shape[1])
+        if shard is None or shard.rank == 0:  # the sync gathers every rank's bank: the real one is held once
+            self.metric.real_features.append(ref.features.double())
 
     def update(self, features: Tensor, logits: Tensor | None) -> None:
         self.metric.update(features.double(), real=False)
 
     def finish(self) -> dict[str, float]:
+        if self.shard is not None:
+            one_tensor_per_rank(self.metric, ("real_features", "fake_features"), self.dim)
         mean, std = self.metric.compute()
         return {"kid": float(mean), "kid_std": float(std)}
 
@@ -172,13 +281,17 @@ class ISMetric(SampleMetric):
     def __init__(self, splits: int = 10):
         self.splits = at_least("is.splits", splits, 1)
 
-    def begin(self, ref: ReferenceStats, n_fake: int) -> None:
+    def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
         from torchmetrics.image.inception import InceptionScore
 
+        if shard is not None and n_fake < shard.world_size:  # the same check, and error, on every rank
+            raise ConfigError(f"IS split across {shard.world_size} processes needs at least one generated image per "
+                              f"process (n={n_fake}); raise n.")
+        self.shard = shard
         self.used_splits = max(1, min(self.splits, n_fake))
         with warnings.catch_warnings():  # "will save all extracted features in buffer": logits only, n x K
             warnings.simplefilter("ignore", UserWarning)
-            self.metric = InceptionScore(feature=PrecomputedFeatures(1), splits=self.used_splits, **METRIC_KWARGS)
+            self.metric = InceptionScore(feature=PrecomputedFeatures(1), splits=self.used_splits, **metric_kwargs(shard))
 
     def update(self, features: Tensor, logits: Tensor | None) -> None:
         if logits is None:
@@ -186,6 +299,8 @@ class ISMetric(SampleMetric):
         self.metric.update(logits.double())
 
     def finish(self) -> dict[str, float]:
+        if self.shard is not None:
+            one_tensor_per_rank(self.metric, ("features",), 0)  # never empty: every rank has an image
         with warnings.catch_warnings():  # one split has no std: it is left out rather than written as NaN
             warnings.simplefilter("ignore", UserWarning)
             mean, std = self.metric.compute()
@@ -204,10 +319,11 @@ class PRDCMetric(SampleMetric):
         self.nearest_k = at_least("prdc.nearest_k", nearest_k, 1)
         self.max_samples, self.chunk = at_least("prdc.max_samples", max_samples, 2), at_least("prdc.chunk", chunk, 1)
 
-    def begin(self, ref: ReferenceStats, n_fake: int) -> None:
+    def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
         self.real = ref.features[: self.max_samples]
         self.fake: list[Tensor] = []
         self.kept = 0
+        self.shard, self.dim = shard, int(ref.features.shape[1])
         if min(len(self.real), min(n_fake, self.max_samples)) <= self.nearest_k:
             raise ConfigError(f"PRDC with nearest_k={self.nearest_k} needs more than {self.nearest_k} real and generated "
                               "images; raise n.")
@@ -219,7 +335,11 @@ class PRDCMetric(SampleMetric):
             self.kept += len(take)
 
     def finish(self) -> dict[str, float]:
-        return prdc(self.real, torch.cat(self.fake), k=self.nearest_k, chunk=self.chunk)
+        fake = torch.cat(self.fake) if self.fake else torch.zeros(0, self.dim)
+        if self.shard is not None:  # every rank's first max_samples, in rank (= image) order: the first max_samples
+            fake = torch.cat(self.shard.gather(fake))[: self.max_samples]
+            self.kept = len(fake)
+        return prdc(self.real, fake, k=self.nearest_k, chunk=self.chunk)
 
     def settings(self) -> dict[str, Any]:
         return {"implementation": "gencli.metrics.prdc (closed k-NN balls, float64)", "nearest_k": self.nearest_k,
@@ -229,18 +349,43 @@ class PRDCMetric(SampleMetric):
 # ----------------------------------------------------------------------------- the pass
 def run_sample_metrics(metrics: list[SampleMetric], source: ImageSource, extractor, ref: ReferenceStats,
                        batch_size: int, seed: int, keep_images: bool = False,
-                       description: str = "generated images") -> dict[str, Any]:
-    """Stream ``source`` through ``extractor`` into every metric; return values, timing and (optionally) images."""
+                       description: str = "generated images", shard: Shard | None = None) -> dict[str, Any]:
+    """Stream ``source`` through ``extractor`` into every metric; return values, timing and (optionally) images.
+
+    With ``shard``, every process of the group calls this with the same arguments: each generates its own block
+    of the ``source.n`` images (``source`` must be a :class:`ModelSource`), and every process returns the values
+    of all ``source.n`` images (``images`` then holds this process's block only).
+    """
+    local = source
+    if shard is not None:
+        if not isinstance(source, ModelSource):
+            raise TypeError(f"a pass split across processes generates its images: {type(source).__name__} is not a "
+                            "ModelSource")
+        local = ModelBlock(source, *shard.block(source.n))
     for metric in metrics:
-        metric.begin(ref, source.n)
+        if shard is None:
+            metric.begin(ref, source.n)
+        else:
+            metric.begin(ref, source.n, shard=shard)
     kept: list[np.ndarray] = []
     start = time.perf_counter()
-    for _, (images, u8) in zip(track_batches(source.n, batch_size, description), source.stream(batch_size)):
-        features, logits = extractor.extract(images)
-        for metric in metrics:
-            metric.update(features, logits)
-        if keep_images:
-            kept.append(u8)
+    error = None
+    try:
+        for _, (images, u8) in zip(track_batches(local.n, batch_size, description), local.stream(batch_size)):
+            features, logits = extractor.extract(images)
+            for metric in metrics:
+                metric.update(features, logits)
+            if keep_images:
+                kept.append(u8)
+        if shard is not None and local.n == 0:  # more ranks than images: this one joins with no features
+            for metric in metrics:
+                metric.update(torch.zeros(0, int(ref.features.shape[1])), None)
+    except Exception as err:  # noqa: BLE001 - under a shard, raised on every rank after the check below
+        if shard is None:
+            raise
+        error = err
+    if shard is not None:  # a rank that failed must not leave the others waiting in the metrics' sync
+        raise_if_any(shard, shard.all_gather_object(describe_failure(error)), error, "while generating its images")
     seconds = time.perf_counter() - start
     values: dict[int, dict[str, float]] = {}
     suffix = metric_suffix(extractor)
@@ -249,8 +394,89 @@ def run_sample_metrics(metrics: list[SampleMetric], source: ImageSource, extract
             torch.manual_seed(seed)
             values[id(metric)] = {f"{k}{suffix}" if not k.endswith("_std") else f"{k[:-4]}{suffix}_std": v
                                   for k, v in metric.finish().items()}
-    return {"values": values, "seconds": seconds, "images_per_second": source.n / max(seconds, 1e-9),
-            "images": np.concatenate(kept) if kept else None}
+    return {"values": values, "seconds": seconds, "images_per_second": local.n / max(seconds, 1e-9),
+            "n_here": local.n, "images": np.concatenate(kept) if kept else None}
+
+
+def prepare_features_and_reference(extractor, datamodule, device: torch.device, split: str, reference_n: int | None,
+                                   cache_dir, batch_size: int, use_cache: bool = True,
+                                   shard: Shard | None = None) -> ReferenceStats:
+    """``extractor.prepare`` then the reference statistics of ``split``; with ``shard``, on every rank, race-free.
+
+    Rank 0 goes first: it trains the domain classifier (or loads it) and computes (or loads) the reference
+    statistics, writing both caches; then the other ranks load them from the caches, so no two processes write
+    one cache entry. Without the reference cache (``use_cache=False``), every rank computes the statistics
+    itself, writing nothing. Every rank joins the same two collectives whatever happens: an error on one rank
+    is raised on every rank (its own exception where it happened), and ranks that ended up with different
+    feature extractors or reference statistics (caches not shared between machines) stop with an error rather
+    than mix feature spaces.
+    """
+
+    def features() -> None:
+        extractor.prepare(datamodule, device)
+
+    def reference() -> ReferenceStats:
+        return load_or_compute(datamodule, split, extractor, reference_n, cache_dir, batch_size=batch_size,
+                               use_cache=use_cache)
+
+    if shard is None:
+        features()
+        return reference()
+    cached = bool(use_cache and cache_dir)
+    ref, error = None, None
+    if shard.rank == 0:
+        try:
+            features()
+            if cached:
+                ref = reference()
+        except Exception as err:  # noqa: BLE001 - re-raised below, after the collective every rank joins
+            error = err
+    raise_if_any(shard, shard.all_gather_object(describe_failure(error)), error, "while rank 0 prepared")
+    try:
+        if shard.rank != 0:
+            features()
+        if ref is None:
+            ref = reference()
+        fingerprint = {"features": key_hash(extractor.identity()), "reference": key_hash(ref.key), "n_real": ref.n,
+                       "feature_dim": int(ref.features.shape[1])}
+    except Exception as err:  # noqa: BLE001
+        error, fingerprint = err, None
+    answers = shard.all_gather_object(describe_failure(error) or {"fingerprint": fingerprint})
+    raise_if_any(shard, answers, error, "while preparing the feature extractor and the reference statistics")
+    if any(answer["fingerprint"] != fingerprint for answer in answers):
+        from gencli.errors import RuntimeFailure
+
+        raise RuntimeFailure(
+            f"the {shard.world_size} processes prepared different feature extractors or reference statistics "
+            f"({[answer['fingerprint'] for answer in answers]}): the domain classifier and the reference statistics "
+            f"are trained and computed by rank 0 and read by the other ranks from the cache ({cache_dir}), which must "
+            "be one folder that every process sees (a shared file system on several machines)."
+        )
+    return ref
+
+
+def describe_failure(error: BaseException | None) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    from gencli.errors import GencliError
+
+    return {"error": type(error).__name__, "message": str(error),
+            "exit_code": error.exit_code if isinstance(error, GencliError) else None}
+
+
+def raise_if_any(shard: Shard, answers: list[dict | None], own: BaseException | None, stage: str) -> None:
+    """Raise on every rank when any rank failed: a rank's own exception where it happened, else the first one's."""
+    if own is not None:
+        raise own
+    failed = [(rank, answer) for rank, answer in enumerate(answers) if answer is not None and "error" in answer]
+    if not failed:
+        return
+    from gencli.errors import GencliError
+
+    rank, answer = failed[0]
+    if answer["exit_code"] is not None:  # the same gencli error (and exit code) on every rank
+        raise GencliError(answer["message"], answer["exit_code"])
+    raise GencliError(f"rank {rank} of {shard.world_size} failed {stage}: {answer['error']}: {answer['message']}", 1)
 
 
 def make_source(ctx: EvalContext, datamodule) -> ImageSource:
