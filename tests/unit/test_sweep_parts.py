@@ -1,0 +1,167 @@
+"""The parts of gencli's sweeps, one at a time: the summary, the skip rule, Optuna's tell and pruning, and the
+check that every DDP rank trains the same config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import SimpleNamespace
+
+import optuna
+import pytest
+import torch
+import torch.multiprocessing as mp
+from optuna.trial import TrialState
+
+from gencli.callbacks.optuna_pruning import OptunaPruning
+from gencli.optuna_search import ResumableOptunaSweeperImpl
+from gencli.sweep import SweepSummary, collect, rank, swept_overrides, what_the_job_is, write_summary
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def job(folder: Path, status: str, value=None, lr: str = "0.1", reason=None) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "job.json").write_text(json.dumps({
+        "status": status, "value": value, "optimized_metric": "val/loss", "reason": reason, "exit_code": 0,
+        "seconds": 1.5, "overrides": ["model=ae", f"model.optimizer.lr={lr}"], "metrics": {"val/loss": value},
+        "steps": 10, "last_checkpoint": str(folder / "last.ckpt") if status == "completed" else None}))
+    return folder
+
+
+# ----------------------------------------------------------------------------- the summary
+def test_summary_ranks_best_first_lists_failures_and_unfinished_jobs_and_exits_1(tmp_path, capsys):
+    job(tmp_path / "0", "completed", 3.0, "0.1")
+    job(tmp_path / "1", "failed", None, "9", reason="the loss is NaN [rank 1]")
+    job(tmp_path / "2", "completed", 1.0, "0.2")
+    (tmp_path / "3" / ".hydra").mkdir(parents=True)  # killed before it could write job.json
+    (tmp_path / "3" / ".hydra" / "overrides.yaml").write_text("- model=ae\n- model.optimizer.lr=0.3\n")
+    (tmp_path / "not_a_job").mkdir()
+    config = SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path))))
+    with pytest.raises(SystemExit) as stop:
+        SweepSummary(direction="minimize").on_multirun_end(config)
+    assert stop.value.code == 1
+    out, err = capsys.readouterr()
+    assert "2 of 4 job(s) did not complete" in err and "sweep.skip_done=true" in err
+    assert "[rank 1]" in out  # Rich markup in a reason is printed as text
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "sweep_summary.csv").open()))
+    assert [(r["job"], r["status"]) for r in rows] == [("2", "completed"), ("0", "completed"), ("1", "failed"),
+                                                       ("3", "unfinished")]
+    assert [r["overrides"] for r in rows] == [f"model.optimizer.lr={lr}" for lr in ("0.2", "0.1", "9", "0.3")]
+    assert rows[0]["val/loss"] == "1.0"
+
+
+def test_maximize_ranks_the_largest_first_and_a_clean_sweep_does_not_exit(tmp_path):
+    rows = rank([{"folder": "a", "status": "completed", "value": 1.0},
+                 {"folder": "b", "status": "completed", "value": 5.0}], "maximize")
+    assert [r["folder"] for r in rows] == ["b", "a"]
+    job(tmp_path / "0", "completed", 2.0)
+    config = SimpleNamespace(hydra=SimpleNamespace(sweep=SimpleNamespace(dir=str(tmp_path))))
+    SweepSummary(direction="minimize").on_multirun_end(config)  # no SystemExit
+    assert len(collect(tmp_path)) == 1 and write_summary(tmp_path / "s.csv", collect(tmp_path)).is_file()
+    assert swept_overrides([{"overrides": ["a=1", "b=1"]}, {"overrides": ["a=1", "b=2"]}]) == [["b=1"], ["b=2"]]
+
+
+def test_skip_done_ignores_how_a_job_was_run_but_not_what_it_is():
+    assert what_the_job_is(["model=ae", "sweep.skip_done=true", "resume=auto", "+resume=x"]) == ["model=ae"]
+    assert what_the_job_is(["model.optimizer.lr=0.1"]) != what_the_job_is(["model.optimizer.lr=0.2"])
+
+
+# ----------------------------------------------------------------------------- Optuna
+def returned(value, folder: Path | None = None, raises: Exception | None = None):
+    class Ret:
+        hydra_cfg = SimpleNamespace(hydra=SimpleNamespace(runtime=SimpleNamespace(output_dir=str(folder or "/nowhere"))))
+
+        @property
+        def return_value(self):
+            if raises is not None:
+                raise raises
+            return value
+
+    return Ret()
+
+
+def test_tell_records_complete_pruned_and_failed_trials(tmp_path):
+    study = optuna.create_study()
+    for _ in range(4):
+        study.ask()
+    ResumableOptunaSweeperImpl.tell(study, 0, returned(0.5), 1)
+    ResumableOptunaSweeperImpl.tell(study, 1, returned(float("nan")), 1)  # gencli's failed job returns NaN
+    pruned = job(tmp_path / "2", "pruned", 0.9)
+    ResumableOptunaSweeperImpl.tell(study, 2, returned(0.9, pruned), 1)
+    ResumableOptunaSweeperImpl.tell(study, 3, returned(None, raises=RuntimeError("boom")), 1)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED,
+                                               TrialState.FAIL]
+    assert study.best_value == 0.5
+
+
+class FakeTrainer:
+    def __init__(self, epoch: int, value: float):
+        self.current_epoch, self.callback_metrics = epoch, {"val/fid_domain": torch.tensor(value)}
+        self.is_global_zero, self.world_size, self.should_stop, self.sanity_checking = True, 1, False, False
+
+
+def test_pruning_reports_each_epoch_once_and_stops_a_lagging_trial():
+    study = optuna.create_study(pruner=optuna.pruners.MedianPruner(n_startup_trials=1, n_warmup_steps=0))
+    good = study.ask()
+    for epoch in range(3):
+        good.report(1.0, step=epoch)
+    study.tell(good, 1.0)
+
+    callback = OptunaPruning(trial=1, monitor="val/fid_domain")
+    callback.trial = study.ask()
+    trainer = FakeTrainer(0, 0.5)  # better than the median: goes on
+    callback.on_validation_end(trainer, None)
+    callback.on_train_epoch_end(trainer, None)  # the same epoch again: not reported twice
+    stored = study._storage.get_trial(callback.trial._trial_id)
+    assert not trainer.should_stop and not callback.pruned and stored.intermediate_values == {0: 0.5}
+
+    lagging = OptunaPruning(trial=2, monitor="val/fid_domain")
+    lagging.trial = study.ask()
+    trainer = FakeTrainer(0, 40.0)  # far worse than the median at epoch 0: pruned
+    lagging.on_validation_end(trainer, None)
+    assert trainer.should_stop and lagging.pruned
+
+
+def test_pruning_is_idle_outside_an_optuna_search():
+    callback = OptunaPruning(trial=None, monitor="val/loss")
+    trainer = FakeTrainer(0, 1.0)
+    callback.setup(trainer, None, "fit")
+    callback.on_validation_end(trainer, None)
+    assert not trainer.should_stop and callback.trial is None
+
+
+# ----------------------------------------------------------------------------- every rank, the same run
+def rank_worker(rank: int, tmp: str, same: bool) -> None:
+    import torch.distributed as dist
+
+    from gencli.errors import RuntimeFailure
+    from gencli.families.base import GenerativeModel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
+    try:
+        model = GenerativeModel(image_shape=(1, 8, 8))
+        beta = 1.0 if same or rank == 0 else 4.0
+        model.run_config = {"model": {"beta": beta, "latent_dim": 8}, "seed": 0, "hydra": {"rank": rank}}
+        model._trainer = SimpleNamespace(world_size=2)
+        try:
+            model.setup("fit")
+            outcome = "ok"
+        except RuntimeFailure as err:
+            outcome = err.message
+        Path(tmp, f"rank{rank}.txt").write_text(outcome)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("same", [True, False])
+def test_ddp_ranks_with_different_configs_stop_before_training(tmp_path, same):
+    mp.spawn(rank_worker, args=(str(tmp_path), same), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    if same:
+        assert outcomes == ["ok", "ok"]  # the hydra part may differ (each rank's own runtime)
+    else:
+        for outcome in outcomes:  # every rank stops, naming the key that differs
+            assert "different configs" in outcome and "model.beta" in outcome
