@@ -165,3 +165,46 @@ def test_ddp_ranks_with_different_configs_stop_before_training(tmp_path, same):
     else:
         for outcome in outcomes:  # every rank stops, naming the key that differs
             assert "different configs" in outcome and "model.beta" in outcome
+
+
+# ----------------------------------------------------------------------------- configs
+def test_every_search_validates_and_every_launcher_composes_with_gencli_defaults(compose_cfg):
+    from gencli.config import group_options
+    from gencli.schema import validate
+
+    searches = group_options("hparams_search")
+    assert {"ae_optuna", "vae_optuna", "gan_optuna", "ddpm_optuna"} <= set(searches)
+    for search in searches:
+        cfg = compose_cfg("train", [f"hparams_search={search}"])
+        validate(cfg, "train")
+        assert cfg.hydra.sweeper.storage.startswith("sqlite:///") and cfg.hydra.sweeper.pruner is not None
+        assert cfg.optimized_metric in ("val/loss", "val/bpd", "val/fid_domain")
+    slurm = compose_cfg("train", ["hydra/launcher=submitit_slurm"]).hydra.launcher
+    local = compose_cfg("train", ["hydra/launcher=submitit_local"]).hydra.launcher
+    joblib = compose_cfg("train", ["hydra/launcher=joblib"]).hydra.launcher
+    assert slurm._target_.endswith("SlurmLauncher") and slurm.additional_parameters.signal == "USR1@300"
+    assert slurm.qos is None and slurm.max_num_timeout == 3  # the plugin's own keys are there too
+    assert local._target_.endswith("LocalLauncher") and local.gpus_per_node == 0
+    assert joblib._target_.endswith("JoblibLauncher") and joblib.n_jobs == 2
+
+
+def test_a_job_judges_its_trial_with_the_pruner_the_search_configured(tmp_path):
+    """The study in SQLite does not store its pruner: the job must build the configured one, not Optuna's default."""
+    from gencli.callbacks.optuna_pruning import load_trial
+
+    storage = f"sqlite:///{tmp_path}/optuna.db"
+    study = optuna.create_study(study_name="s", storage=storage)
+    for value in (1.0, 1.0, 1.0, 1.0, 1.0, 1.0):  # more than the default pruner's 5 start-up trials
+        trial = study.ask()
+        trial.report(value, step=0)
+        study.tell(trial, value)
+    study.ask()  # trial 6, RUNNING: the job's
+    sweeper = {"storage": storage, "study_name": "s",
+               "pruner": {"_target_": "optuna.pruners.MedianPruner", "n_startup_trials": 2, "n_warmup_steps": 1}}
+    trial = load_trial(sweeper, 6)
+    assert trial.number == 6 and trial.study.pruner._n_warmup_steps == 1
+    trial.report(100.0, step=0)  # far worse, but inside the configured warm-up: not pruned
+    assert not trial.should_prune()
+    trial.report(100.0, step=1)
+    assert trial.should_prune() is False  # no other trial reported step 1: nothing to compare with
+    assert isinstance(load_trial({**sweeper, "pruner": None}, 6).study.pruner, optuna.pruners.NopPruner)

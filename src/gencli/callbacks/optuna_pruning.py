@@ -30,18 +30,14 @@ class OptunaPruning(L.Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.trial_number is None or self.monitor is None or not trainer.is_global_zero:
             return
-        import optuna
         from hydra.core.hydra_config import HydraConfig
 
         sweeper = HydraConfig.get().sweeper if HydraConfig.initialized() else {}
-        storage, name = sweeper.get("storage"), sweeper.get("study_name")
-        if not storage:
+        if not sweeper.get("storage"):
             log.warning("sweep.trial=%s but the sweep has no Optuna storage: nothing to report to, no pruning",
                         self.trial_number)
             return
-        study = optuna.load_study(study_name=name, storage=storage)
-        trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.trial_number)
-        self.trial = optuna.trial.Trial(study, trial_id)
+        self.trial = load_trial(sweeper, self.trial_number)
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
@@ -71,3 +67,20 @@ class OptunaPruning(L.Callback):
             trainer.should_stop = True
             log.info("Optuna pruned trial %d after epoch %d (%s = %s): stopping this run", self.trial_number,
                      trainer.current_epoch, self.monitor, trainer.callback_metrics.get(self.monitor))
+
+
+def load_trial(sweeper, number: int):
+    """Trial ``number`` of the study that the sweep's config (``hydra.sweeper``) names, judged by its pruner.
+
+    The pruner is not stored with the study: a study loaded without it would judge with Optuna's default
+    MedianPruner (5 start-up trials, no warm-up), not the one the search configured, so it is built here
+    from the same config (``pruner: null``: never prune).
+    """
+    import optuna
+    from hydra.utils import instantiate
+
+    config = sweeper.get("pruner")
+    pruner = instantiate(config) if config else optuna.pruners.NopPruner()
+    study = optuna.load_study(study_name=sweeper.get("study_name"), storage=sweeper.get("storage"), pruner=pruner)
+    trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
+    return optuna.trial.Trial(study, trial_id)
