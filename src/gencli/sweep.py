@@ -248,9 +248,11 @@ class ranks_run_this_job:  # noqa: N801 - a context manager, used like a functio
     #: what Lightning's subprocess launcher writes into the launching process's environment
     LAUNCH_ENV = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 
-    def __init__(self, output_dir: str | Path):
+    def __init__(self, output_dir: str | Path, job_module: str = "gencli.jobs.train"):
         self.output_dir = str(output_dir)
+        self.job_module = job_module
         self._argv: list[str] | None = None
+        self._main_spec: Any = None
         self._run_dir = None
         self._env: dict[str, str | None] = {}
 
@@ -264,7 +266,16 @@ class ranks_run_this_job:  # noqa: N801 - a context manager, used like a functio
 
         self._argv = list(sys.argv)
         self._env = {name: os.environ.get(name) for name in self.LAUNCH_ENV}
-        sys.argv = [sys.argv[0], *job_overrides(), "hydra.mode=RUN"]
+        # The command is the job's own module, whatever process runs the job: the gencli CLI, or a launcher's
+        # worker (submitit runs 'python -m submitit.core._submit', which would not run a gencli job)
+        import importlib
+
+        module = importlib.import_module(self.job_module)
+        sys.argv = [str(module.__file__), *job_overrides(), "hydra.mode=RUN"]
+        main = sys.modules["__main__"]
+        self._main_spec = getattr(main, "__spec__", None)
+        if self._main_spec is not None:  # Lightning re-runs 'python -m <__main__.__spec__.name>' then
+            main.__spec__ = module.__spec__
         run = HydraConfig.instance().cfg.hydra.run
         with read_write(run), open_dict(run):
             self._run_dir = run.dir
@@ -291,6 +302,8 @@ class ranks_run_this_job:  # noqa: N801 - a context manager, used like a functio
             else:
                 os.environ[name] = value
         sys.argv = self._argv
+        if self._main_spec is not None:
+            sys.modules["__main__"].__spec__ = self._main_spec
         run = HydraConfig.instance().cfg.hydra.run
         with read_write(run), open_dict(run):
             run.dir = self._run_dir

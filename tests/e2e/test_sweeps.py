@@ -85,9 +85,11 @@ def test_a_failed_job_is_recorded_the_sweep_goes_on_and_skip_done_reruns_only_wh
     assert [row["status"] for row in summary(sweep)] == ["completed", "completed", "failed"]
 
 
-def test_submitit_local_sweep_of_two_jobs_end_to_end(tmp_path):
+def test_submitit_local_sweep_of_two_ddp_jobs_end_to_end(tmp_path):
+    """Each job a submitit process ('python -m submitit.core._submit'), each with 2 DDP ranks: rank 1 must be
+    started as the gencli job, not as submitit's runner."""
     sweep = tmp_path / "sweep"
-    result = run(tmp_path, "-m", "hydra/launcher=submitit_local", *TINY, "model.latent_dim=4,8",
+    result = run(tmp_path, "-m", "hydra/launcher=submitit_local", "trainer=ddp_cpu", *TINY, "model.latent_dim=4,8",
                  f"hydra.sweep.dir={sweep}")
     assert result.returncode == 0, describe(result)
     jobs = records(sweep)
@@ -96,7 +98,9 @@ def test_submitit_local_sweep_of_two_jobs_end_to_end(tmp_path):
     assert any((sweep / ".submitit").rglob("*_result.pkl"))
     rows = summary(sweep)
     assert sorted(row["overrides"] for row in rows) == ["model.latent_dim=4", "model.latent_dim=8"]
-    for job in jobs.values():
+    for name, job in jobs.items():
+        logs = [(sweep / name / log).read_text() for log in ("train.log", "train_ddp_process_1.log")]
+        assert "DDP rank 0 of 2: run config" in logs[0] and "DDP rank 1 of 2: run config" in logs[1]
         ckpt = torch.load(job["last_checkpoint"], map_location="cpu", weights_only=True)
         assert ckpt["global_step"] > 0
 
