@@ -72,6 +72,8 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
                                     pruner=pruner, directions=directions, load_if_exists=True)
 
+        if study.trials:
+            self.reseed_sampler(len(study.trials))
         # gencli: resume what a killed sweep left behind: each trial it left running is run again as itself (same
         # trial number, parameters and job folder, with resume=auto: its training continues from its checkpoint)
         stale = [t for t in study.trials if t.state == TrialState.RUNNING]
@@ -102,6 +104,25 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             results.update(best_params=best.params, best_value=best.value, best_trial=best.number)
             log.info("Best trial %d: %s = %s", best.number, best.params, best.value)
         OmegaConf.save(OmegaConf.create(results), f"{self.config.hydra.sweep.dir}/optimization_results.yaml")
+
+    def reseed_sampler(self, n_stored: int) -> None:
+        """A resumed study must not draw the parameters of its first trials again.
+
+        The sampler was built from ``seed`` as in the first run, so its random start-up trials would repeat
+        trial 0, 1, ... word for word. Reseed it, deterministically, from (seed, trials already stored).
+        """
+        import numpy as np
+
+        seed = OmegaConf.select(self.config, "hydra.sweeper.sampler.seed", default=None)
+        state = np.random.RandomState(None if seed is None else (int(seed) * 1_000_003 + n_stored) % 2**32)
+        sampler = self.sampler
+        if hasattr(sampler, "_rng"):
+            sampler._rng = state
+            inner = getattr(sampler, "_random_sampler", None)
+            if inner is not None and hasattr(inner, "_rng"):
+                inner._rng = np.random.RandomState(state.randint(2**31))
+        elif hasattr(sampler, "reseed_rng"):
+            sampler.reseed_rng()
 
     @staticmethod
     def trial_overrides(trial: Any, fixed_params: dict[str, Any]) -> tuple[str, ...]:

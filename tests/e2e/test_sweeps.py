@@ -122,7 +122,8 @@ def test_an_optuna_study_killed_after_one_trial_resumes_and_ends_with_three_tria
         proc.wait()
     from optuna.trial import TrialState
 
-    states = [t.state for t in study_trials(sweep, "ae")]
+    before = study_trials(sweep, "ae")
+    states = [t.state for t in before]
     assert states[0] == TrialState.COMPLETE and len(states) == 2, states  # trial 1 left RUNNING by the kill
 
     result = subprocess.run(command, cwd=tmp_path, env=sweep_env(), capture_output=True, text=True, timeout=600)
@@ -131,6 +132,8 @@ def test_an_optuna_study_killed_after_one_trial_resumes_and_ends_with_three_tria
     assert [t.number for t in trials] == [0, 1, 2]
     assert all(t.state == TrialState.COMPLETE for t in trials), [t.state for t in trials]
     assert "2 trial(s) stored (1 left running by a killed sweep), 1 more to run" in result.stdout + result.stderr
+    assert trials[1].params == before[1].params  # the killed trial ran again as itself
+    assert trials[2].params != trials[0].params  # the resumed sampler did not start its draws over
     jobs = records(sweep)
     assert sorted(jobs) == ["0", "1", "2"]
     for t in trials:  # each trial ran in its own folder with its own parameters, and its value is the study's
