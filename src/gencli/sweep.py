@@ -62,7 +62,9 @@ def write_job_record(out_dir: str | Path, status: str, value: Any = None, reason
                      exit_code: int = 0, seconds: float = 0.0) -> Path:
     """``job.json`` in ``out_dir``: what a sweep summary (or a person) needs to know about how the job ended."""
     out = Path(out_dir)
-    metrics = read_json(out / "metrics.json") or {}
+    metrics = read_json(out / "metrics.json") or {}  # train's layout; other verbs' files may differ: read defensively
+    files = metrics.get("files") if isinstance(metrics.get("files"), dict) else {}
+    values = metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else {}
     if status == "completed" and metrics.get("status") == "pruned":
         status, reason = "pruned", metrics.get("reason")
     runtime = hydra_runtime()
@@ -75,9 +77,9 @@ def write_job_record(out_dir: str | Path, status: str, value: Any = None, reason
         "seconds": round(float(seconds), 2),
         "job": int(runtime.job.num) if runtime is not None and runtime.job.get("num") is not None else None,
         "overrides": job_overrides(),
-        "metrics": metrics.get("metrics") or {},
+        "metrics": {k: v for k, v in values.items() if isinstance(v, int | float)},
         "steps": metrics.get("steps"),
-        "last_checkpoint": (metrics.get("files") or {}).get("last_checkpoint"),
+        "last_checkpoint": files.get("last_checkpoint"),
     }
     return write_json(out / JOB_RECORD, record)
 

@@ -134,7 +134,7 @@ def test_pruning_is_idle_outside_an_optuna_search():
 
 
 # ----------------------------------------------------------------------------- every rank, the same run
-def rank_worker(rank: int, tmp: str, same: bool) -> None:
+def rank_worker(rank: int, tmp: str) -> None:
     import torch.distributed as dist
 
     from gencli.errors import RuntimeFailure
@@ -142,29 +142,40 @@ def rank_worker(rank: int, tmp: str, same: bool) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{tmp}/init", rank=rank, world_size=2)
     try:
-        model = GenerativeModel(image_shape=(1, 8, 8))
-        beta = 1.0 if same or rank == 0 else 4.0
-        model.run_config = {"model": {"beta": beta, "latent_dim": 8}, "seed": 0, "hydra": {"rank": rank}}
-        model._trainer = SimpleNamespace(world_size=2)
-        try:
-            model.setup("fit")
-            outcome = "ok"
-        except RuntimeFailure as err:
-            outcome = err.message
-        Path(tmp, f"rank{rank}.txt").write_text(outcome)
+        outcomes = []
+        for same in (True, False):
+            model = GenerativeModel(image_shape=(1, 8, 8))
+            beta = 1.0 if same or rank == 0 else 4.0
+            model.run_config = {"model": {"beta": beta, "latent_dim": 8}, "seed": 0, "hydra": {"rank": rank}}
+            model._trainer = SimpleNamespace(world_size=2)
+            try:
+                model.setup("fit")
+                outcomes.append("ok")
+            except RuntimeFailure as err:
+                outcomes.append(err.message)
+        Path(tmp, f"rank{rank}.json").write_text(json.dumps(outcomes))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("same", [True, False])
-def test_ddp_ranks_with_different_configs_stop_before_training(tmp_path, same):
-    mp.spawn(rank_worker, args=(str(tmp_path), same), nprocs=2, join=True)
-    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
-    if same:
-        assert outcomes == ["ok", "ok"]  # the hydra part may differ (each rank's own runtime)
-    else:
-        for outcome in outcomes:  # every rank stops, naming the key that differs
-            assert "different configs" in outcome and "model.beta" in outcome
+def test_ddp_ranks_with_different_configs_stop_before_training(tmp_path):
+    mp.spawn(rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in range(2):
+        same, different = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert same == "ok"  # the hydra part may differ (each rank's own runtime)
+        assert "different configs" in different and "model.beta" in different  # every rank stops, naming the key
+
+
+def test_a_job_record_reads_any_verb_s_metrics_file(tmp_path):
+    """eval's metrics.json lists its files: the record takes what it understands and never fails the job."""
+    from gencli.sweep import write_job_record
+
+    (tmp_path / "metrics.json").write_text(json.dumps({"metrics": {"fid_domain": 3.5, "note": "x"},
+                                                       "files": ["samples.npz"]}))
+    record = json.loads(write_job_record(tmp_path, "completed", 3.5).read_text())
+    assert record["metrics"] == {"fid_domain": 3.5} and record["last_checkpoint"] is None
+    (tmp_path / "metrics.json").write_text("[1, 2]")
+    assert json.loads(write_job_record(tmp_path, "failed", reason="r").read_text())["reason"] == "r"
 
 
 # ----------------------------------------------------------------------------- configs

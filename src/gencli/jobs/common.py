@@ -55,7 +55,7 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     import time
 
     from gencli.hardware import keep_freed_memory
-    from gencli.sweep import finished_record, in_multirun, write_job_record
+    from gencli.sweep import finished_record, in_multirun
 
     keep_freed_memory()  # large CPU batches: reuse freed memory instead of page-faulting it in again
     started, multirun = time.perf_counter(), in_multirun()
@@ -75,7 +75,7 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         validate(cfg, str(cfg.get("task_name")))
         value = job(cfg)
         if out_dir and rank_zero():
-            write_job_record(out_dir, "completed", value, seconds=time.perf_counter() - started)
+            record_job(out_dir, "completed", value, seconds=time.perf_counter() - started)
         return value
     except Exception as err:
         gencli_error = user_error(err)
@@ -84,8 +84,8 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         if out_dir and first:
             status = "interrupted" if isinstance(gencli_error, Interrupted) else "failed"
             reason = gencli_error.message if gencli_error is not None else f"{type(err).__name__}: {err}"
-            write_job_record(out_dir, status, reason=reason, seconds=time.perf_counter() - started,
-                             exit_code=gencli_error.exit_code if gencli_error is not None else 1)
+            record_job(out_dir, status, reason=reason, seconds=time.perf_counter() - started,
+                       exit_code=gencli_error.exit_code if gencli_error is not None else 1)
         if gencli_error is None or full:
             if multirun and not full and first and not launched_rank():
                 import logging
@@ -102,6 +102,19 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         if multirun and not isinstance(gencli_error, Interrupted):
             return float("nan")  # recorded; the sweep goes on, and its summary exits 1 at the end
         sys.exit(gencli_error.exit_code)
+
+
+def record_job(out_dir, status: str, value=None, **fields) -> None:
+    """``job.json`` for this job (gencli.sweep); a record that cannot be written is a warning, never the job's fate."""
+    from gencli.sweep import write_job_record
+
+    try:
+        write_job_record(out_dir, status, value, **fields)
+    except Exception as err:  # noqa: BLE001 - the job's own outcome (and its outputs) must stand
+        import logging
+
+        logging.getLogger(__name__).warning("could not write %s/job.json (%s: %s); the job itself %s", out_dir,
+                                            type(err).__name__, err, status)
 
 
 def rank_zero() -> bool:
