@@ -160,8 +160,8 @@ def rank_worker(rank: int, tmp: str) -> None:
 
 def test_ddp_ranks_with_different_configs_stop_before_training(tmp_path):
     mp.spawn(rank_worker, args=(str(tmp_path),), nprocs=2, join=True)
-    for rank in range(2):
-        same, different = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for r in range(2):
+        same, different = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert same == "ok"  # the hydra part may differ (each rank's own runtime)
         assert "different configs" in different and "model.beta" in different  # every rank stops, naming the key
 
