@@ -106,20 +106,6 @@ def test_ddp_cpu_two_processes_one_run_directory(run_gencli, tmp_path):
 
 
 @pytest.mark.slow
-def test_optuna_search_optimises_the_returned_metric(run_gencli, tmp_path):
-    sweep = tmp_path / "search"
-    result = run_gencli("train", "hparams_search=vae_optuna", "hydra.sweeper.n_trials=2",
-                        "hydra.sweeper.sampler.n_startup_trials=1", *FAST_TRAIN, "trainer.max_epochs=1",
-                        "data.image_size=8", f"hydra.sweep.dir={sweep}")
-    assert result.returncode == 0, describe(result)
-    summary = (sweep / "optimization_results.yaml").read_text()
-    assert "best_params" in summary and "model.beta" in summary
-    values = [json.loads((sweep / str(i) / "metrics.json").read_text())["metrics"]["val/bpd"] for i in range(2)]
-    best = float(summary.split("best_value:")[1].split()[0])
-    assert best == pytest.approx(min(values), rel=1e-5)
-
-
-@pytest.mark.slow
 def test_sample_and_eval_against_another_data_set(run_gencli, tmp_path, mnist_root):
     run_dir = tmp_path / "train"
     result = run_gencli("train", "model=ae", *FAST_TRAIN, "trainer.max_epochs=1", "data.image_size=8",

@@ -172,3 +172,8 @@ def test_ddp_trials_of_an_optuna_sweep_train_the_same_hyperparameters_on_both_ra
         assert stored["latent_dim"] == t.params["model.latent_dim"]
         assert records(sweep)[str(t.number)]["value"] == pytest.approx(t.value)  # one result per trial
     assert hashes[0] != hashes[1]
+    # train returns optimized_metric (val/bpd): the study's best is the smallest bits/dim of the two trials
+    results = (sweep / "optimization_results.yaml").read_text()
+    best = float(results.split("best_value:")[1].split()[0])
+    bpd = [json.loads((sweep / str(t.number) / "metrics.json").read_text())["metrics"]["val/bpd"] for t in trials]
+    assert best == pytest.approx(min(bpd), rel=1e-5) and "model.beta" in results
