@@ -184,8 +184,10 @@ def rank(rows: list[dict], direction: str) -> list[dict]:
 
 
 def swept_overrides(rows: list[dict]) -> list[list[str]]:
-    """Each job's overrides without those every job shares (the swept values only)."""
-    lists = [list(row.get("overrides") or []) for row in rows]
+    """Each job's overrides without those every job shares (the swept values only), nor ``sweep.trial=N`` (an
+    Optuna job's folder is its trial number) and the run-how overrides of :data:`HOW_TO_RUN`."""
+    lists = [[item for item in what_the_job_is(list(row.get("overrides") or []))
+              if item.split("=", 1)[0] != "sweep.trial"] for row in rows]
     common = set.intersection(*(set(items) for items in lists)) if len(lists) > 1 else set()
     return [[item for item in items if item not in common] for items in lists]
 

@@ -62,6 +62,8 @@ def test_maximize_ranks_the_largest_first_and_a_clean_sweep_does_not_exit(tmp_pa
     SweepSummary(direction="minimize").on_multirun_end(config)  # no SystemExit
     assert len(collect(tmp_path)) == 1 and write_summary(tmp_path / "s.csv", collect(tmp_path)).is_file()
     assert swept_overrides([{"overrides": ["a=1", "b=1"]}, {"overrides": ["a=1", "b=2"]}]) == [["b=1"], ["b=2"]]
+    assert swept_overrides([{"overrides": ["b=1", "sweep.trial=0"]},
+                            {"overrides": ["b=2", "sweep.trial=1", "resume=auto"]}]) == [["b=1"], ["b=2"]]
 
 
 def test_skip_done_ignores_how_a_job_was_run_but_not_what_it_is():
