@@ -221,3 +221,7 @@ def test_a_job_judges_its_trial_with_the_pruner_the_search_configured(tmp_path):
     trial.report(100.0, step=1)
     assert trial.should_prune() is False  # no other trial reported step 1: nothing to compare with
     assert isinstance(load_trial({**sweeper, "pruner": None}, 6).study.pruner, optuna.pruners.NopPruner)
+    from gencli.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="is not one of Optuna's pruners"):  # built from config: Optuna's only
+        load_trial({**sweeper, "pruner": {"_target_": "os.system", "command": "echo owned"}}, 6)

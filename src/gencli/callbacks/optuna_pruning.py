@@ -80,6 +80,15 @@ def load_trial(sweeper, number: int):
     from hydra.utils import instantiate
 
     config = sweeper.get("pruner")
+    target = str(config.get("_target_", "")) if config else ""
+    module, _, name = target.rpartition(".")
+    cls = getattr(optuna.pruners, name, None) if module == "optuna.pruners" else None
+    if config and not (isinstance(cls, type) and issubclass(cls, optuna.pruners.BasePruner)):
+        # the sweep's config reaches each job (through a pickle under submitit): build only Optuna's own pruners
+        from gencli.errors import ConfigError
+
+        raise ConfigError(f"hydra.sweeper.pruner._target_={target!r} is not one of Optuna's pruners: use "
+                          "optuna.pruners.MedianPruner (or another class of optuna.pruners), or pruner: null.")
     pruner = instantiate(config) if config else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=sweeper.get("study_name"), storage=sweeper.get("storage"), pruner=pruner)
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
