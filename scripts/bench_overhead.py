@@ -127,16 +127,9 @@ def plain_diffusion_round(model, images: torch.Tensor, args, state: dict) -> flo
         state["ema"] = [p.detach().clone() for p in net.parameters()]
     opt, sched, ema = state["opt"], state["sched"], state["ema"]
     alphas = schedule.alphas_cumprod.to(device=device, dtype=torch.float32)
-    loader = DataLoader(TensorDataset(images), batch_size=args.batch_size, shuffle=True, drop_last=True)
-    batches, start, done = iter(loader), None, 0
     net.train()
-    while done < args.warmup + args.steps:
-        try:
-            (x,) = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        x0 = x.to(device).float() / 127.5 - 1
+
+    def step(x0: torch.Tensor) -> None:
         t = torch.randint(0, len(alphas), (len(x0),), device=device)
         noise = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -148,12 +141,8 @@ def plain_diffusion_round(model, images: torch.Tensor, args, state: dict) -> flo
         sched.step()
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in net.parameters()], 1 - 0.9999)
-        done += 1
-        if done == args.warmup:
-            sync(args.device)
-            start = time.perf_counter()
-    sync(args.device)
-    return args.steps * args.batch_size / (time.perf_counter() - start)
+
+    return timed_plain_steps(step, images, args)
 
 
 def plain_dcgan_round(model, images: torch.Tensor, args, state: dict) -> float:
@@ -165,17 +154,10 @@ def plain_dcgan_round(model, images: torch.Tensor, args, state: dict) -> float:
         state["opt_d"] = torch.optim.Adam(disc.parameters(), lr=2e-4, betas=(0.5, 0.999))
         state["ema"] = [p.detach().clone() for p in gen.parameters()]
     opt_g, opt_d, ema = state["opt_g"], state["opt_d"], state["ema"]
-    loader = DataLoader(TensorDataset(images), batch_size=args.batch_size, shuffle=True, drop_last=True)
-    batches, start, done = iter(loader), None, 0
     gen.train()
     disc.train()
-    while done < args.warmup + args.steps:
-        try:
-            (x,) = next(batches)
-        except StopIteration:
-            batches = iter(loader)
-            continue
-        real = x.to(device).float() / 127.5 - 1
+
+    def step(real: torch.Tensor) -> None:
         fake = gen(torch.randn(len(real), model.latent_dim, device=device))
         d_loss = F.softplus(-disc(real)).mean() + F.softplus(disc(fake.detach())).mean()
         opt_d.zero_grad(set_to_none=True)
@@ -191,6 +173,23 @@ def plain_dcgan_round(model, images: torch.Tensor, args, state: dict) -> float:
             p.requires_grad_(True)
         with torch.no_grad():
             torch._foreach_lerp_(ema, [p.detach() for p in gen.parameters()], 1 - 0.999)
+
+    return timed_plain_steps(step, images, args)
+
+
+def timed_plain_steps(step, images: torch.Tensor, args) -> float:
+    """The plain loop's driver: shuffled uint8 batches scaled to [-1, 1], ``args.warmup`` untimed steps, then
+    images/s over ``args.steps`` timed ones."""
+    device = torch.device(args.device)
+    loader = DataLoader(TensorDataset(images), batch_size=args.batch_size, shuffle=True, drop_last=True)
+    batches, start, done = iter(loader), None, 0
+    while done < args.warmup + args.steps:
+        try:
+            (x,) = next(batches)
+        except StopIteration:
+            batches = iter(loader)
+            continue
+        step(x.to(device).float() / 127.5 - 1)
         done += 1
         if done == args.warmup:
             sync(args.device)
