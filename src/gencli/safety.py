@@ -46,6 +46,8 @@ GENCLI_TARGETS = frozenset({
     "gencli.diffusion.schedule.NoiseSchedule",
     "gencli.diffusion.samplers.DDPMSampler",
     "gencli.diffusion.samplers.DDIMSampler",
+    "gencli.diffusion.samplers.DPMSolverPP2M",
+    "gencli.diffusion.samplers.HeunSampler",
     # optimisation
     "gencli.optim.LinearWarmup",
     # data

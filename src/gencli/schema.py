@@ -118,6 +118,9 @@ RANGES: dict[str, dict[str, Range]] = {
                                               "variance": OneOf("gencli.diffusion.samplers:VARIANCES")},
     "gencli.diffusion.samplers.DDIMSampler": {"steps": POSITIVE, "eta": Range(ge=0, le=1),
                                               "spacing": OneOf("gencli.diffusion.samplers:SPACINGS")},
+    **{f"gencli.diffusion.samplers.{name}": {"steps": POSITIVE, "spacing": OneOf("gencli.diffusion.samplers:SPACINGS"),
+                                             "sigmas": OneOf("gencli.diffusion.samplers:SIGMA_SPACINGS")}
+       for name in ("DPMSolverPP2M", "HeunSampler")},
     "gencli.optim.LinearWarmup": {"warmup_steps": NON_NEGATIVE},
     **{f"gencli.data.{name}": {"image_size": Range(ge=4), "batch_size": POSITIVE, "num_workers": NON_NEGATIVE,
                                "val_fraction": FRACTION, "max_images": Range(ge=2), "channels": OneOf(values=(1, 3)),

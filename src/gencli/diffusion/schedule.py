@@ -22,6 +22,7 @@ on one distribution of x_T and sample from another.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -115,6 +116,45 @@ class NoiseSchedule:
             cached = self._device_cache[key] = table.to(device=like.device, dtype=like.dtype)
         return cached[t.to(like.device).long()].reshape(-1, *([1] * (like.ndim - 1)))
 
+    # ----------------------------------------------------------------- noise levels between the timesteps
+    @functools.cached_property
+    def sigmas(self) -> Tensor:
+        """sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t), float64: the noise-to-signal ratio that the
+        continuous-time samplers (Heun, DPM-Solver) step in (x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps)."""
+        return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
+
+    def sigma_at(self, t: float) -> float:
+        """sigma at a timestep that may fall between two integers: log sigma interpolated linearly between them,
+        the inverse of :meth:`t_of_sigma` (diffusers' ``_sigma_to_t``); exact at integer t."""
+        if not 0 <= t <= self.timesteps - 1:
+            raise ValueError(f"timestep {t} is outside 0..{self.timesteps - 1}")
+        low = min(int(math.floor(t)), self.timesteps - 2)
+        w = t - low
+        log_sigmas = self.sigmas.log()
+        if w == 0:
+            return float(self.sigmas[low])
+        return float(torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]))
+
+    def t_of_sigma(self, sigma: float) -> float:
+        """The (fractional) timestep whose noise level is ``sigma``: log sigma interpolated between the two
+        neighbouring timesteps, clipped to 0..T-1 (Karras et al. 2022's sigmas fall between timesteps)."""
+        log_sigmas = self.sigmas.log()
+        log_sigma = math.log(max(sigma, 1e-10))
+        low = int(min((log_sigmas <= log_sigma).sum().item() - 1, self.timesteps - 2))
+        low = max(low, 0)
+        lo, hi = float(log_sigmas[low]), float(log_sigmas[low + 1])
+        w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
+        return (1 - w) * low + w * (low + 1)
+
+    def alpha_bar_at(self, t: Tensor, like: Tensor) -> Tensor:
+        """alpha_bar at timesteps ``t``, shaped to broadcast over ``like``: gathered for integer t, from the
+        interpolated sigma (alpha_bar = 1 / (1 + sigma^2)) for fractional t."""
+        if not torch.is_floating_point(t) or bool((t == t.round()).all()):
+            return self.at(self.alphas_cumprod, t.round().long() if torch.is_floating_point(t) else t, like)
+        values = torch.tensor([1.0 / (1.0 + self.sigma_at(float(v)) ** 2) for v in t.flatten().tolist()],
+                              dtype=torch.float64)
+        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
                          generator: torch.Generator | None = None) -> Tensor:
         """Uniform t in {0, ..., T-1} (the simple loss of Ho et al. samples t uniformly)."""
@@ -172,23 +212,26 @@ class NoiseSchedule:
 
     def split_prediction(self, prediction: str, output: Tensor, xt: Tensor, t: Tensor,
                          clip_x0: bool = False) -> tuple[Tensor, Tensor]:
-        """Network output -> (x0_hat, eps_hat), whatever it was trained to predict.
+        """Network output -> (x0_hat, eps_hat), whatever it was trained to predict, at timesteps t (integer, or
+        fractional for samplers that step between the training timesteps: :meth:`alpha_bar_at`).
 
         With ``clip_x0`` the x0 estimate is clipped to the data range [-1, 1] and eps recomputed from
         it, as the DDPM reference sampler does (it keeps early, noisy estimates from leaving the range).
         """
+        alpha_bar = self.alpha_bar_at(t, xt)
+        a, s = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
         if prediction == "eps":
             eps = output
-            x0 = self.x0_from_eps(xt, t, eps)
+            x0 = (xt - s * eps) / a
         elif prediction == "x0":
             x0 = output
-            eps = self.eps_from_x0(xt, t, x0)
+            eps = (xt - a * x0) / s
         elif prediction == "v":
-            x0 = self.x0_from_v(xt, t, output)
-            eps = self.eps_from_v(xt, t, output)
+            x0 = a * xt - s * output
+            eps = s * xt + a * output
         else:
             raise ConfigError(f"model.prediction={prediction!r} is not known; use one of {', '.join(PREDICTIONS)}.")
         if clip_x0:
             x0 = x0.clamp(-1, 1)
-            eps = self.eps_from_x0(xt, t, x0)
+            eps = (xt - a * x0) / s
         return x0, eps

@@ -139,8 +139,8 @@ class Diffusion(GenerativeModel):
         if sampler is None:
             return self.default_sampler
         if not isinstance(sampler, Sampler):
-            raise ConfigError(f"sampler={sampler!r} is not a sampler; use sampler=ddpm or sampler=ddim "
-                              "(conf/sampler/), e.g. sampler=ddim sampler.steps=50.")
+            raise ConfigError(f"sampler={sampler!r} is not a sampler; use sampler=ddpm, ddim, dpmpp_2m or heun "
+                              "(conf/sampler/), e.g. sampler=dpmpp_2m sampler.steps=20.")
         sampler.timesteps(self.schedule)  # steps within the schedule's T: fail now, not after training or a data pass
         return sampler
 
@@ -197,6 +197,8 @@ class Diffusion(GenerativeModel):
             "ema_decay": self.ema_decay if ema else None,
             # steps as walked (a sampler with steps=null walks all T)
             "sampler": {**used.describe(), "steps": len(used.timesteps(self.schedule))},
+            # network evaluations per image: what sampling costs, whichever sampler (Heun: 2 per step but the last)
+            "nfe": used.nfe(self.schedule),
             "schedule": self.schedule.describe(),
             "prediction": self.prediction,
             "ema_updates": int(self.ema_updates),
