@@ -71,6 +71,8 @@ GENCLI_TARGETS = frozenset({
     "gencli.metrics.sample_metrics.ISMetric",
     "gencli.metrics.sample_metrics.PRDCMetric",
     "gencli.metrics.reconstruction.ReconstructionMetrics",
+    "gencli.metrics.editing.InpaintingQuality",
+    "gencli.metrics.editing.PerceptualPathLength",
     "gencli.metrics.features.DomainFeatures",
     "gencli.metrics.features.InceptionFeatures",
 })

@@ -165,7 +165,7 @@ class SampleJob:
     task_name: str
     run_name: str | None
     ckpt: str | None
-    mode: Literal["grid", "interpolate", "reconstruct"]
+    mode: Literal["grid", "interpolate", "reconstruct", "inpaint", "variation"]
     n: Annotated[int, POSITIVE]
     batch_size: Annotated[int, POSITIVE]
     seed: int
@@ -176,6 +176,10 @@ class SampleJob:
     truncation: Annotated[float, Range(gt=0, le=1)] | None
     format: Literal["npz", "png", "both"]
     grid_n: Annotated[int, NON_NEGATIVE]
+    input: str
+    mask: str
+    inpaint: dict
+    strength: Annotated[float, Range(gt=0, le=1)]
 
 
 @dataclass

@@ -64,7 +64,11 @@ def write_job_record(out_dir: str | Path, status: str, value: Any = None, reason
     out = Path(out_dir)
     metrics = read_json(out / "metrics.json") or {}  # train's layout; other verbs' files may differ: read defensively
     files = metrics.get("files") if isinstance(metrics.get("files"), dict) else {}
-    values = metrics.get("metrics") if isinstance(metrics.get("metrics"), dict) else {}
+    values = dict(metrics.get("metrics")) if isinstance(metrics.get("metrics"), dict) else {}
+    cost = metrics.get("sampling_cost") if isinstance(metrics.get("sampling_cost"), dict) else {}
+    for key, name in COST_COLUMNS.items():  # eval: what each image cost, for NFE-vs-quality tables
+        if isinstance(cost.get(key), int | float):
+            values[name] = cost[key]
     if status == "completed" and metrics.get("status") == "pruned":
         status, reason = "pruned", metrics.get("reason")
     runtime = hydra_runtime()
@@ -82,6 +86,10 @@ def write_job_record(out_dir: str | Path, status: str, value: Any = None, reason
         "last_checkpoint": files.get("last_checkpoint"),
     }
     return write_json(out / JOB_RECORD, record)
+
+
+#: eval's metrics.json "sampling_cost" entries, as job.json metrics
+COST_COLUMNS = {"nfe": "nfe", "seconds_per_image": "sample_s_per_image"}
 
 
 def read_json(path: Path) -> dict | None:
@@ -131,9 +139,15 @@ class SweepSummary(Callback):
         if not rows:
             return
         direction = self.direction or sweep_direction(config)
-        rows = rank(rows, direction)
-        path = write_summary(sweep_dir / SUMMARY, rows)
-        print_summary(rows, path, direction)
+        if OmegaConf.select(config, "task_name") == "eval":  # no optimised value: ordered by the swept settings
+            rows = sorted(rows, key=lambda row: (what_the_job_is(list(row.get("overrides") or [])),
+                                                 (row.get("metrics") or {}).get("nfe") or 0))
+            path = write_summary(sweep_dir / SUMMARY, rows)
+            print_eval_summary(rows, path)
+        else:
+            rows = rank(rows, direction)
+            path = write_summary(sweep_dir / SUMMARY, rows)
+            print_summary(rows, path, direction)
         failed = [row for row in rows if row["status"] not in ("completed", "pruned")]  # failed, interrupted, unfinished
         if failed:
             print(f"gencli: {len(failed)} of {len(rows)} job(s) did not complete (see {path}); "
@@ -230,6 +244,33 @@ def print_summary(rows: list[dict], path: Path, direction: str) -> None:
     console = Console()
     if not console.is_terminal:
         console.width = max(console.width, 160)  # logs and pipes: wide rows rather than folded cells
+    console.print(table)
+
+
+def print_eval_summary(rows: list[dict], path: Path) -> None:
+    """An eval sweep (``gencli eval -m ... sampler=ddim,dpmpp_2m sampler.steps=10,20``): one row per job with its
+    settings, network evaluations and seconds per image beside every metric it measured."""
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    names = sorted({k for row in rows for k in (row.get("metrics") or {})} - set(COST_COLUMNS.values()))
+    table = Table(title=f"eval sweep: {len(rows)} job(s) -> {path}")
+    for name in ("job", "settings", "status", "NFE", "s / image", *names):
+        table.add_column(name, overflow="fold", justify="left" if name in ("job", "settings", "status") else "right")
+    for row, swept in zip(rows, swept_overrides(rows)):
+        metrics = row.get("metrics") or {}
+
+        def cell(value: Any, fmt: str = ".4g") -> str:
+            return format(value, fmt) if isinstance(value, int | float) else "-"
+
+        table.add_row(*(escape(c) for c in (
+            str(row.get("folder")), " ".join(swept) or "-", str(row.get("status")), cell(metrics.get("nfe"), "d")
+            if isinstance(metrics.get("nfe"), int) else cell(metrics.get("nfe")), cell(metrics.get("sample_s_per_image")),
+            *(cell(metrics.get(name)) for name in names))))
+    console = Console()
+    if not console.is_terminal:
+        console.width = max(console.width, 160)
     console.print(table)
 
 

@@ -116,6 +116,29 @@ class GenerativeModel(L.LightningModule):
         """Encode and decode ``x`` deterministically (only where ``has_encoder``)."""
         return self.decode(self.encode(x))
 
+    # ----------------------------------------------------------------- editing (gencli sample mode=inpaint|variation)
+    #: Keyword options :meth:`inpaint` understands beyond the sample options (``method``, RePaint's jumps).
+    inpaint_options: tuple[str, ...] = ()
+
+    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, **options: Any) -> Tensor:
+        """Fill ``images`` where ``mask`` (N, 1, H, W) is 0, consistently with where it is 1; the known pixels
+        come back unchanged. Images in [-1, 1]."""
+        from gencli.errors import ConfigError
+
+        raise ConfigError(f"mode=inpaint needs a family that can take an image in: diffusion, latent diffusion, ae or "
+                          f"vae; {type(self).__name__} only generates from noise (inverting a GAN is not built).")
+
+    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, **options: Any) -> Tensor:
+        """A variation of each image; ``strength`` in (0, 1]: 0 would keep the image, 1 ignores it."""
+        from gencli.errors import ConfigError
+
+        raise ConfigError(f"mode=variation needs a family that can take an image in: diffusion, latent diffusion, ae "
+                          f"or vae; {type(self).__name__} only generates from noise (inverting a GAN is not built).")
+
+    def editing_info(self, mode: str, **options: Any) -> dict[str, Any]:
+        """What :meth:`inpaint` / :meth:`vary` did with these options, for sample.json and metrics.json."""
+        return {"family": type(self).__name__, "mode": mode}
+
     def score_batch(self, x: Tensor) -> dict[str, Tensor]:
         """Per-sample evaluation terms for a batch of real images, e.g. reconstruction error.
 

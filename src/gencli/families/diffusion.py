@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gencli.diffusion import editing
 from gencli.diffusion.samplers import DDIMSampler, Sampler
 from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
@@ -183,6 +184,53 @@ class Diffusion(GenerativeModel):
                 "Use sampler=ddim with sampler.eta=0 (the default for interpolation), or drop sampler=."
             )
         return sampler
+
+    # ----------------------------------------------------------------- editing
+    inpaint_options = ("method", "jump_length", "jump_n_sample")
+
+    @torch.no_grad()
+    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, use_ema: bool | None = None,
+                sampler: Sampler | None = None, method: str = "repaint", jump_length: int = 10,
+                jump_n_sample: int = 10) -> Tensor:
+        """RePaint or replacement (:mod:`gencli.diffusion.editing`); the known pixels are pasted back at the end."""
+        sampler = self.check_sampler(sampler)
+        known, mask_x = self.x_known(images, mask)
+        x_T = self.prior(len(images), generator)
+        with eval_mode(self.sampling_net(use_ema)) as net:
+            x0 = editing.inpaint(self.inpaint_denoiser(self.denoiser(net), images, mask), self.schedule, sampler,
+                                 known, mask_x, x_T, generator, method, jump_length, jump_n_sample)
+        return images * mask + self.to_image(x0) * (1 - mask)
+
+    def x_known(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        """The known x and the mask in x's space (pixel diffusion: the image and its mask themselves)."""
+        return self.to_x(images), mask
+
+    def inpaint_denoiser(self, denoise, images: Tensor, mask: Tensor):
+        """The denoiser inpainting uses (pixel diffusion: the plain one; the known region is pasted into x_t)."""
+        return denoise
+
+    @torch.no_grad()
+    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, use_ema: bool | None = None,
+             sampler: Sampler | None = None) -> Tensor:
+        """SDEdit (:func:`gencli.diffusion.editing.vary`), in latent space for latent diffusion."""
+        sampler = self.check_sampler(sampler)
+        with eval_mode(self.sampling_net(use_ema)) as net:
+            x0 = editing.vary(self.denoiser(net), self.schedule, sampler, self.to_x(images), strength, generator)
+        return self.to_image(x0)
+
+    def editing_info(self, mode: str, use_ema: bool | None = None, sampler: Sampler | None = None,
+                     **options: Any) -> dict[str, Any]:
+        info = {**self.sampling_info(use_ema=use_ema, sampler=sampler), "mode": mode}
+        used = self.check_sampler(sampler)
+        if mode == "variation":
+            info.update(editing.variation_info(used, self.schedule, editing.check_strength(options.get("strength", 1))))
+        elif mode == "inpaint":
+            method = options.get("method", "repaint")
+            jumps = int(options.get("jump_length", 10)), int(options.get("jump_n_sample", 10))
+            editing.check_inpaint(method, used, *jumps)
+            info.update(method=method, nfe=editing.inpaint_nfe(method, used, self.schedule, *jumps),
+                        **({"jump_length": jumps[0], "jump_n_sample": jumps[1]} if method == "repaint" else {}))
+        return info
 
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         return self.net(x, t)
@@ -363,6 +411,31 @@ class LatentDiffusion(Diffusion):
             raise ConfigError("this latent diffusion model has not seen a training batch yet, so its latent scale is "
                               "unknown: sample from a checkpoint written after training started.")
         return self.first_stage.decode(x / self.latent_scale).clamp(-1, 1)
+
+    def x_known(self, images: Tensor, mask: Tensor) -> tuple[Tensor, Tensor | None]:
+        # A latent has no pixels to paste (gencli's first stages encode to a vector): the known region is
+        # imposed on every x0 estimate in pixel space instead (inpaint_denoiser), and pasted once more at the end.
+        return self.to_x(images), None
+
+    def inpaint_denoiser(self, denoise, images: Tensor, mask: Tensor):
+        """Each x0 estimate is decoded, its known pixels replaced by the input's, and encoded again (eps follows),
+        so the sampler is steered toward latents whose decoding agrees with the known region."""
+
+        def projected(x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
+            x0, _ = denoise(x, t, clip)
+            decoded = self.first_stage.decode(x0 / self.latent_scale)
+            x0 = self.first_stage.encode(images * mask + decoded * (1 - mask)) * self.latent_scale
+            alpha_bar = self.schedule.alpha_bar_at(t, x)
+            return x0, (x - alpha_bar.sqrt() * x0) / (1 - alpha_bar).sqrt()
+
+        return projected
+
+    def editing_info(self, mode: str, **options: Any) -> dict[str, Any]:
+        info = super().editing_info(mode, **options)
+        if mode == "inpaint":
+            info["latent"] = ("known pixels imposed on each decoded x0 estimate, re-encoded (the latent is a vector "
+                              "without pixels); pasted back at the end")
+        return info
 
     def sampling_info(self, **options: Any) -> dict[str, Any]:
         return {**super().sampling_info(**options), "latent_scale": float(self.latent_scale),

@@ -72,6 +72,9 @@ class VAE(EncoderDecoderModel):
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)
 
+    def prior_mean(self) -> Tensor:
+        return torch.zeros(self.latent_dim, device=self.device)
+
     def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
         return self.randn((n, self.latent_dim), generator)
 

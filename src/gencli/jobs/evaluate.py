@@ -76,6 +76,8 @@ def evaluate(cfg: DictConfig) -> dict:
         "weights": checkpoint_weights(sampling) if sampling is not None else None,
         **environment(),
     }
+    if sampling is not None and "sampling_cost" in ctx.shared:  # what the samples cost: for NFE-vs-quality tables
+        report["sampling_cost"] = {"nfe": sampling.get("nfe"), **ctx.shared["sampling_cost"]}
     path = write_json(ctx.out_dir / "metrics.json", report)
     print_table(report, path)
     return report
@@ -101,7 +103,9 @@ def print_table(report: dict, path: Path) -> None:
     table.add_column("measured on")
     features_of = {}
     for name, prov in provenance.items():
-        if isinstance(prov, dict) and isinstance(prov.get("features"), dict):
+        if isinstance(prov, dict) and isinstance(prov.get("measured_on"), str):  # a metric that says it itself
+            features_of.update({key: prov["measured_on"] for key in metrics if key.startswith(name)})
+        elif isinstance(prov, dict) and isinstance(prov.get("features"), dict):
             f, ref, gen = prov["features"], prov.get("reference", {}), prov.get("generated", {})
             label = f"{f['name']}: {gen.get('n_generated')} generated vs {ref.get('n_real')} real ({ref.get('split')})"
             for key in metrics:
@@ -115,6 +119,10 @@ def print_table(report: dict, path: Path) -> None:
     if domain is not None:
         acc = domain.get("held_out_accuracy")
         notes.append(NOT_COMPARABLE.format(acc=f" (held-out accuracy {acc:.2%})" if acc is not None else ""))
+    cost = report.get("sampling_cost")
+    if cost:
+        nfe = f"{cost['nfe']} network evaluations and " if cost.get("nfe") else ""
+        notes.append(f"sampling cost: {nfe}{cost['seconds_per_image']:.4g} s per image ({cost['images']} images)")
     if notes:
         table.caption = "\n".join(notes)
     Console().print(table)

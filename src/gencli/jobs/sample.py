@@ -2,7 +2,10 @@
 
 Modes: ``grid`` (n samples -> uint8 ``samples.npz`` and/or ``images/NNNNNN.png``, plus a PNG grid of the
 first ``grid_n``), ``interpolate`` (slerp between prior draws, one strip per row), ``reconstruct``
-(validation inputs beside their reconstructions).
+(validation inputs beside their reconstructions), and the editing modes on ``input=`` images (the first n of
+the validation split, a folder or an .npz): ``inpaint`` (fill ``mask=``; ``inpainted.npz`` and
+``inpaint.png`` with input | mask | result per row) and ``variation`` (SDEdit at ``strength=``;
+``variations.npz`` and ``variations.png`` with input | variation).
 
 Image ``i`` depends only on (``seed``, ``i``): each image draws its noise from its own generator
 (:mod:`gencli.seeds`), so ``batch_size`` changes speed and memory, not the images. ``grid`` streams:
@@ -29,16 +32,20 @@ from gencli.io import (
     auto_scale,
     restore_model,
     save_image_grid,
+    save_npz,
     to_uint8,
     write_json,
 )
 from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
+from gencli.masks import describe as describe_mask
+from gencli.masks import make_masks
 from gencli.progress import track_batches
 from gencli.provenance import environment
 from gencli.seeds import SEED_RULE, PerImageGenerator, check_seed
 
 log = logging.getLogger(__name__)
-MODES = ("grid", "interpolate", "reconstruct")
+MODES = ("grid", "interpolate", "reconstruct", "inpaint", "variation")
+EDITS = ("inpaint", "variation")
 #: format=: what grid mode writes for the n images.
 FORMATS = {"npz": ("npz",), "png": ("png",), "both": ("npz", "png")}
 
@@ -69,13 +76,21 @@ def sample(cfg: DictConfig) -> Path:
     elif cfg.mode == "interpolate":
         written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, seed, options),
                                   nrow=cfg.interpolation_steps, scale=scale)
+    elif cfg.mode in EDITS:
+        edit = edit_options(cfg, model)
+        sampling = model.editing_info(cfg.mode, **options, **edit)  # bad settings fail before any work
+        written = edit_images(model, cfg, checkpoint, seed, options, edit, out, grid_n, scale)
     else:
         written = save_image_grid(out / "reconstructions.png", reconstruct(model, cfg, checkpoint), nrow=16, scale=scale)
 
+    if cfg.mode not in EDITS:
+        sampling = model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options)
     write_json(out / "sample.json", {
         "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": cfg.n, "seed": seed, "batch_size": cfg.batch_size,
         "format": fmt, "grid_n": grid_n, "seeding": SEED_RULE,
-        "sampling": model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options),
+        **({"input": str(cfg.input)} if cfg.mode in EDITS else {}),
+        **({"mask": describe_mask(str(cfg.mask), model.image_shape[1:])} if cfg.mode == "inpaint" else {}),
+        "sampling": sampling,
         "files": sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.startswith(".")),
         **environment(),
     })
@@ -146,6 +161,66 @@ def reconstruct(model, cfg: DictConfig, checkpoint: dict) -> torch.Tensor:
     data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 64), image_shape=model.image_shape)
     x = next(iter(data.val_dataloader()))[0][: min(cfg.n, 64)].to(model.device)
     return torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1).cpu()
+
+
+def edit_options(cfg: DictConfig, model) -> dict:
+    """inpaint: the ``inpaint.*`` settings the family uses (diffusion: method and RePaint's jumps); variation: strength."""
+    if cfg.mode == "variation":
+        return {"strength": cfg.strength}
+    settings = cfg.get("inpaint") or {}
+    return {key: settings[key] for key in model.inpaint_options if key in settings}
+
+
+def load_inputs(cfg: DictConfig, model, checkpoint: dict) -> torch.Tensor:
+    """The first n images of ``input=``: val (the checkpoint's validation split, or data=...'s), a folder or an .npz."""
+    if str(cfg.input) == "val":
+        data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 256), image_shape=model.image_shape)
+        batches, have = [], 0
+        for batch in data.val_dataloader():
+            batches.append(batch[0][: cfg.n - have])
+            have += len(batches[-1])
+            if have >= cfg.n:
+                break
+        images = torch.cat(batches)
+        if len(images) < cfg.n:
+            log.warning("input=val holds %d images; editing those, not n=%d", len(images), cfg.n)
+        return images
+    from gencli.metrics.sources import FileSource
+
+    source = FileSource(str(cfg.input), model.image_shape, n=cfg.n, data_name="the model's data", key="input",
+                        minimum=1)
+    return torch.cat([images for images, _ in source.stream(256)])
+
+
+@torch.no_grad()
+def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: dict, edit: dict, out: Path,
+                grid_n: int, scale: int) -> Path:
+    """Inpaint or vary the inputs batch by batch; image i's noise (and random mask) depends on (seed, i) only."""
+    inputs = load_inputs(cfg, model, checkpoint)
+    results, masks = [], []
+    for start in range(0, len(inputs), cfg.batch_size):
+        x = inputs[start: start + cfg.batch_size].to(model.device)
+        generator = PerImageGenerator.for_range(seed, start, len(x))
+        if cfg.mode == "inpaint":
+            mask = make_masks(str(cfg.mask), len(x), tuple(x.shape[-2:]), seed, start).to(x.device)
+            results.append(model.inpaint(x, mask, generator, **options, **edit).cpu())
+            masks.append(mask.cpu())
+        else:
+            results.append(model.vary(x, edit["strength"], generator, **options).cpu())
+    result = torch.cat(results)
+    name = "inpainted" if cfg.mode == "inpaint" else "variations"
+    columns = [inputs, result]
+    extra = {"inputs": to_uint8(inputs)}
+    if cfg.mode == "inpaint":
+        mask = torch.cat(masks)
+        shown = (1 - 2 * mask).expand_as(inputs)  # white where filled, as mask files are drawn
+        columns = [inputs, shown, result]
+        extra["masks"] = to_uint8(shown[:, :1])  # 255 where filled
+    save_npz(out / f"{name}.npz", to_uint8(result), **extra)
+    rows = min(grid_n, len(inputs)) or len(inputs)
+    grid = torch.stack([c[:rows] for c in columns], 1).flatten(0, 1)
+    return save_image_grid(out / ("inpaint.png" if cfg.mode == "inpaint" else "variations.png"), grid,
+                           nrow=len(columns), scale=scale)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

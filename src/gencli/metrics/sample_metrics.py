@@ -142,7 +142,7 @@ class ModelBlock(ImageSource):
 
         for start in range(self.start, self.stop, int(batch_size)):
             generator = PerImageGenerator.for_range(self.source.seed, start, min(int(batch_size), self.stop - start))
-            yield quantise(self.source.model.sample(len(generator), generator=generator, **self.source.options))
+            yield quantise(self.source.generate(generator))
 
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "images_here": [self.start, self.stop]}
@@ -526,5 +526,7 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
                                            provenance={"metric": metric.settings(), **common}, files=files)
         files = []  # list the saved samples once
     ctx.shared["sample_pass"] = results
+    if isinstance(source, ModelSource):
+        ctx.shared["sampling_cost"] = source.cost()
     log.info("sample metrics: %d images at %.1f images/s", source.n, out["images_per_second"])
     return results

@@ -19,6 +19,7 @@ grayscale reference; both are recorded. Colour images against a grayscale refere
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,9 @@ class ModelSource(ImageSource):
         if n < 2:
             raise ConfigError(f"n={n}: sample-based metrics need at least 2 generated images (e.g. n=1000).")
         self.model, self.n, self.seed, self.options, self.ckpt = model, int(n), int(seed), dict(options or {}), ckpt
+        #: wall time spent in model.sample alone (the sampling cost, apart from feature extraction)
+        self.sampling_seconds = 0.0
+        self.images_sampled = 0
 
     @torch.no_grad()
     def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
@@ -64,7 +68,22 @@ class ModelSource(ImageSource):
         from gencli.seeds import batches
 
         for _, generator in batches(self.seed, self.n, batch_size):
-            yield quantise(self.model.sample(len(generator), generator=generator, **self.options))
+            yield quantise(self.generate(generator))
+
+    def generate(self, generator) -> Tensor:
+        """model.sample for the generator's images, timed (synchronised on a GPU, so the time is the work's)."""
+        start = time.perf_counter()
+        images = self.model.sample(len(generator), generator=generator, **self.options)
+        if images.is_cuda:
+            torch.cuda.synchronize(images.device)
+        self.sampling_seconds += time.perf_counter() - start
+        self.images_sampled += len(images)
+        return images
+
+    def cost(self) -> dict[str, Any]:
+        """Seconds per generated image (model.sample alone) over this process's images."""
+        return {"images": self.images_sampled, "seconds": round(self.sampling_seconds, 3),
+                "seconds_per_image": self.sampling_seconds / max(self.images_sampled, 1)}
 
     def describe(self) -> dict[str, Any]:
         from gencli.seeds import SEED_RULE
@@ -75,20 +94,23 @@ class ModelSource(ImageSource):
 
 
 class FileSource(ImageSource):
-    def __init__(self, path: str, image_shape: tuple[int, int, int], n: int = 0, data_name: str = "data"):
+    def __init__(self, path: str, image_shape: tuple[int, int, int], n: int = 0, data_name: str = "data",
+                 key: str = "samples", minimum: int = 2):
+        #: the option the user gave the path with (samples=, input=), named in every error
+        self.key = key
         self.path = Path(str(path)).expanduser()
         self.channels, self.height, self.width = (int(s) for s in image_shape)
         self.data_name = data_name
         self.conversion = "none"
         if not self.path.exists():
-            raise ConfigError(f"samples={path} does not exist. Give an .npz/.npy of uint8 images (N, H, W[, C]) such as "
+            raise ConfigError(f"{key}={path} does not exist. Give an .npz/.npy of uint8 images (N, H, W[, C]) such as "
                               "'gencli sample' writes (samples.npz), or a folder of PNG/JPEG images.")
         if self.path.is_dir():
             from gencli.data.folder import list_images
 
             self.files = list_images(self.path)
             if not self.files:
-                raise ConfigError(f"samples={path} is a folder without images (PNG, JPEG, ... searched recursively).")
+                raise ConfigError(f"{key}={path} is a folder without images (PNG, JPEG, ... searched recursively).")
             self.array = None
             available = len(self.files)
             first = self.decode(self.files[0])
@@ -100,8 +122,8 @@ class FileSource(ImageSource):
             self.check_shape(self.array[:1])
         self.available = available
         self.n = available if n <= 0 else min(int(n), available)
-        if self.n < 2:
-            raise ConfigError(f"samples={path} holds {available} image(s); sample-based metrics need at least 2.")
+        if self.n < minimum:
+            raise ConfigError(f"{key}={path} holds {available} image(s); sample-based metrics need at least {minimum}.")
         if self.n < available:
             log.warning("samples=%s holds %d images; using the first n=%d (n=0 uses all)", path, available, self.n)
 
@@ -113,20 +135,20 @@ class FileSource(ImageSource):
             elif suffix == ".npz":
                 with np.load(self.path) as archive:
                     if "images" not in archive.files:
-                        raise ConfigError(f"samples={self.path} has no array named 'images' (it has {', '.join(archive.files)}); "
+                        raise ConfigError(f"{self.key}={self.path} has no array named 'images' (it has {', '.join(archive.files)}); "
                                           "gencli reads uint8 images (N, H, W[, C]) under the key 'images'.")
                     array = archive["images"]
             else:
-                raise ConfigError(f"samples={self.path} is neither an .npz, an .npy nor a folder of images.")
+                raise ConfigError(f"{self.key}={self.path} is neither an .npz, an .npy nor a folder of images.")
         except (OSError, ValueError) as err:
-            raise ConfigError(f"samples={self.path} could not be read as a numpy archive ({err}).") from err
+            raise ConfigError(f"{self.key}={self.path} could not be read as a numpy archive ({err}).") from err
         if array.dtype != np.uint8:
-            raise ConfigError(f"samples={self.path} holds {array.dtype} images; gencli reads uint8 images (0..255), "
+            raise ConfigError(f"{self.key}={self.path} holds {array.dtype} images; gencli reads uint8 images (0..255), "
                               "N x H x W [x C], as 'gencli sample' writes them.")
         if array.ndim == 3:
             array = array[..., None]
         if array.ndim != 4 or array.shape[-1] not in (1, 3):
-            raise ConfigError(f"samples={self.path} holds an array of shape {array.shape}; expected N x H x W x C "
+            raise ConfigError(f"{self.key}={self.path} holds an array of shape {array.shape}; expected N x H x W x C "
                               "(channels last, C = 1 or 3) or N x H x W.")
         return array
 
@@ -137,13 +159,13 @@ class FileSource(ImageSource):
         try:
             return read_image_uint8(path)
         except UnreadableImage as err:
-            raise ConfigError(f"samples={self.path}: {err}. Replace or remove that file.") from err
+            raise ConfigError(f"{self.key}={self.path}: {err}. Replace or remove that file.") from err
 
     def check_shape(self, batch: np.ndarray) -> None:
         _, h, w, c = batch.shape
         if (h, w) != (self.height, self.width):
             raise ConfigError(
-                f"samples={self.path} holds {h}x{w} images but data={self.data_name} (the reference) gives "
+                f"{self.key}={self.path} holds {h}x{w} images but data={self.data_name} (the reference) gives "
                 f"{self.height}x{self.width}. Nothing is resized silently: add data.image_size={h} to compare with "
                 f"the real images at {h}x{w}, or save your samples at {self.height}x{self.width}."
             )
@@ -156,7 +178,7 @@ class FileSource(ImageSource):
             self.conversion = "RGB samples with equal channels read as grayscale"
             return
         raise ConfigError(
-            f"samples={self.path} holds {c}-channel images but data={self.data_name} has {self.channels} channel(s); "
+            f"{self.key}={self.path} holds {c}-channel images but data={self.data_name} has {self.channels} channel(s); "
             f"add data.channels={c} to compare with the real images in {'RGB' if c == 3 else 'grayscale'}."
         )
 
