@@ -185,6 +185,8 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
     if any(arg.split("=", 1)[0] in HYDRA_FLAGS_WITHOUT_A_RUN for arg in args):
         return args
     multirun = any(arg in ("-m", "--multirun") for arg in args)
+    if multirun:
+        args = settings_of_swept_groups(args, config_name)
     overrides = [arg for arg in args if not arg.startswith("-")]
     check_group_overrides(overrides, config_name=config_name)
     try:
@@ -204,6 +206,23 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
     finally:
         GlobalHydra.instance().clear()
     return args
+
+
+def settings_of_swept_groups(args: list[str], config_name: str) -> list[str]:
+    """In a multirun, ``sampler=ddim,heun sampler.steps=20``: Hydra first composes the sweep's own config with the
+    plain overrides alone, where no sampler is chosen yet, and fails on ``sampler.steps``. A setting of a swept
+    optional group becomes a one-value sweep (``sampler.steps=choice(20)``), applied job by job like the group."""
+    swept = {arg.split("=", 1)[0] for arg in args
+             if "=" in arg and not arg.startswith("-") and ("," in arg.split("=", 1)[1] or "(" in arg.split("=", 1)[1])}
+    groups = optional_groups(config_name) & swept
+    out = []
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if (value and not arg.startswith(("-", "+", "~")) and key.split(".", 1)[0] in groups and "." in key
+                and not any(c in value for c in ",()[]{}'\" ")):
+            arg = f"{key}=choice({value})"
+        out.append(arg)
+    return out
 
 
 def composition_error(err: Exception, verb: str, config_name: str, overrides: list[str]) -> ConfigError:

@@ -98,7 +98,8 @@ def test_unsupported_options_and_recon_eval_are_clear_usage_errors(trained):
     root, run_dir, _ = trained
     last = run_dir / "checkpoints" / "last.ckpt"
     for bad, words in (("sampler=ddim", "does not apply to a GAN"), ("truncation=1.5", "truncation=1.5 is not valid: truncation must be"),
-                       ("mode=reconstruct", "needs a family with an encoder")):
+                       ("mode=reconstruct", "needs a family with an encoder"),
+                       ("mode=inpaint", "only generates from noise")):
         _, result = sample(root, "bad", f"ckpt={last}", bad)
         assert result.returncode == 2, describe(result)
         assert words in result.stderr and "Traceback" not in result.stderr

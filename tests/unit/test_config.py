@@ -125,3 +125,14 @@ def test_a_group_the_job_does_not_compose_is_a_config_error():
 def test_conf_dir_is_the_checkout_conf():
     assert (config_dir() / "train.yaml").is_file()
     assert Path(config_dir()).name == "conf"
+
+
+def test_a_setting_of_a_swept_group_is_applied_job_by_job():
+    """gencli eval -m sampler=ddim,heun sampler.steps=20: Hydra composes the sweep's config without a sampler."""
+    from gencli.config import settings_of_swept_groups
+
+    args = ["-m", "ckpt=x", "sampler=ddim,heun", "sampler.steps=20", "sampler.sigmas=karras", "n=5"]
+    assert settings_of_swept_groups(args, "eval") == ["-m", "ckpt=x", "sampler=ddim,heun", "sampler.steps=choice(20)",
+                                                      "sampler.sigmas=choice(karras)", "n=5"]
+    kept = ["-m", "sampler=ddim", "sampler.steps=20"]  # not swept: Hydra composes it as it is
+    assert settings_of_swept_groups(kept, "eval") == kept
