@@ -94,7 +94,7 @@ def test_inpaint_variation_and_an_nfe_table(trained):
     assert (info["method"], info["jump_n_sample"], info["nfe"]) == ("repaint", 2, 6 + 2 * 1 * 2)
 
     out, result = run(root, "sample", "variation", f"ckpt={last}", "mode=variation", "strength=0.5", "n=3",
-                      "sampler=dpmpp_2m", "sampler.steps=4")
+                      "sampler=dpmpp_2m", "sampler.steps=4", "sampler.sigmas=karras")
     assert result.returncode == 0, describe(result)
     info = json.loads((out / "sample.json").read_text())["sampling"]
     assert (info["start_step"], info["nfe"]) == (2, 2) and (out / "variations.png").is_file()
@@ -138,6 +138,11 @@ def test_latent_diffusion_end_to_end(tmp_path):
     result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "mode=interpolate", "n=2",
                     f"hydra.run.dir={out}", cwd=tmp_path)
     assert result.returncode == 0, describe(result)
+    out = tmp_path / "ldm_heun"  # Karras sigmas: the latent denoiser sees fractional timesteps
+    result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "n=3", "sampler=heun",
+                    "sampler.steps=3", "sampler.sigmas=karras", f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert json.loads((out / "sample.json").read_text())["sampling"]["nfe"] == 5
     # editing through the latent: known pixels imposed on decoded x0 estimates, pasted back at the end
     out = tmp_path / "ldm_inpaint"
     result = gencli("sample", f"ckpt={ldm_dir / 'checkpoints' / 'last.ckpt'}", "mode=inpaint", "n=3",
