@@ -13,8 +13,9 @@ from gencli.diffusion import editing
 from gencli.diffusion.samplers import DDIMSampler, DDPMSampler, DPMSolverPP2M, HeunSampler
 from gencli.diffusion.schedule import NoiseSchedule
 from gencli.errors import ConfigError
+from gencli.latents import slerp_rows
 from gencli.masks import make_masks, mask_from_file
-from gencli.metrics.editing import PerceptualPathLength, masked_scores, slerp_rows
+from gencli.metrics.editing import PerceptualPathLength, masked_scores
 from gencli.seeds import PerImageGenerator
 
 T = 1000

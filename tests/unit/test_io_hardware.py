@@ -11,7 +11,7 @@ import torch
 from gencli.errors import ConfigError
 from gencli.hardware import HardwareSettings
 from gencli.io import atomic_write, from_uint8, make_grid, save_image_grid, save_npz, to_uint8
-from gencli.jobs.sample import slerp
+from gencli.latents import slerp
 from gencli.nets.conv import ConvEncoder
 
 

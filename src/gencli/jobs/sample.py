@@ -37,6 +37,7 @@ from gencli.io import (
     write_json,
 )
 from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
+from gencli.latents import slerp
 from gencli.masks import describe as describe_mask
 from gencli.masks import make_masks
 from gencli.progress import track_batches
@@ -125,19 +126,6 @@ def sample_images(model, cfg: DictConfig, seed: int, options: dict, out: Path, f
     if grid_n > 0:
         written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=cfg.nrow, scale=scale))
     return written[0]
-
-
-def slerp(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """Spherical interpolation between flattened latents (what Gaussian latents want, White 2016)."""
-    af, bf = a.flatten(1), b.flatten(1)
-    cos = (af * bf).sum(1) / (af.norm(dim=1) * bf.norm(dim=1)).clamp_min(1e-12)
-    omega = torch.arccos(cos.clamp(-1, 1))[:, None]
-    so = torch.sin(omega)
-    t = t[None, :, None]
-    linear = (1 - t) * af[:, None] + t * bf[:, None]
-    spherical = (torch.sin((1 - t) * omega[:, None]) * af[:, None] + torch.sin(t * omega[:, None]) * bf[:, None]) / so[:, None].clamp_min(1e-12)
-    out = torch.where((so.abs() < 1e-6)[:, None], linear, spherical)
-    return out.reshape(len(a), len(t[0]), *a.shape[1:])
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from torch import Tensor
 from torchmetrics.functional.image import structural_similarity_index_measure
 
 from gencli.errors import ConfigError, GencliError
+from gencli.latents import slerp_rows
 from gencli.masks import describe as describe_mask
 from gencli.masks import make_masks
 from gencli.metrics.base import EvalContext, EvalMetric, MetricResult
@@ -121,18 +122,6 @@ class InpaintingQuality(EvalMetric):
             **lpips_note,
         }
         return MetricResult(values=values, provenance=provenance, files=files)
-
-
-def slerp_rows(a: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Spherical interpolation of each row pair (flattened) at its own t (Karras et al. 2019 use slerp in z)."""
-    af, bf = a.flatten(1), b.flatten(1)
-    an, bn = af / af.norm(dim=1, keepdim=True), bf / bf.norm(dim=1, keepdim=True)
-    omega = torch.arccos((an * bn).sum(1).clamp(-1, 1))[:, None]
-    t = t[:, None].to(af)
-    so = torch.sin(omega)
-    out = torch.where(so.abs() < 1e-6, (1 - t) * af + t * bf,
-                      (torch.sin((1 - t) * omega) * af + torch.sin(t * omega) * bf) / so.clamp_min(1e-12))
-    return out.reshape(a.shape)
 
 
 class PerceptualPathLength(EvalMetric):
