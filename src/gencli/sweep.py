@@ -254,10 +254,14 @@ def print_eval_summary(rows: list[dict], path: Path) -> None:
     from rich.markup import escape
     from rich.table import Table
 
-    names = sorted({k for row in rows for k in (row.get("metrics") or {})} - set(COST_COLUMNS.values()))
-    table = Table(title=f"eval sweep: {len(rows)} job(s) -> {path}")
+    order = ("fid", "kid", "is", "precision", "recall", "density", "coverage")  # the usual reading order; stds in the CSV
+    names = sorted({k for row in rows for k in (row.get("metrics") or {}) if not k.endswith("_std")}
+                   - set(COST_COLUMNS.values()),
+                   key=lambda k: (next((i for i, p in enumerate(order) if k.split("_")[0] == p), len(order)), k))
+    table = Table(title=f"eval sweep: {len(rows)} job(s) -> {path} (all columns, stds too, in the CSV)")
     for name in ("job", "settings", "status", "NFE", "s / image", *names):
-        table.add_column(name, overflow="fold", justify="left" if name in ("job", "settings", "status") else "right")
+        table.add_column(name, no_wrap=name == "settings", overflow="fold",
+                         justify="left" if name in ("job", "settings", "status") else "right")
     for row, swept in zip(rows, swept_overrides(rows)):
         metrics = row.get("metrics") or {}
 
@@ -270,7 +274,7 @@ def print_eval_summary(rows: list[dict], path: Path) -> None:
             *(cell(metrics.get(name)) for name in names))))
     console = Console()
     if not console.is_terminal:
-        console.width = max(console.width, 160)
+        console.width = max(console.width, 220)  # logs and pipes: one line per job
     console.print(table)
 
 
