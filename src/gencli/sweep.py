@@ -139,7 +139,7 @@ class SweepSummary(Callback):
         if not rows:
             return
         direction = self.direction or sweep_direction(config)
-        if OmegaConf.select(config, "task_name") == "eval":  # no optimised value: ordered by the swept settings
+        if getattr(config, "task_name", None) == "eval":  # no optimised value: ordered by the swept settings
             rows = sorted(rows, key=lambda row: (what_the_job_is(list(row.get("overrides") or [])),
                                                  (row.get("metrics") or {}).get("nfe") or 0))
             path = write_summary(sweep_dir / SUMMARY, rows)
