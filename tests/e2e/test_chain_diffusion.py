@@ -98,6 +98,11 @@ def test_inpaint_variation_and_an_nfe_table(trained):
     assert result.returncode == 0, describe(result)
     info = json.loads((out / "sample.json").read_text())["sampling"]
     assert (info["start_step"], info["nfe"]) == (2, 2) and (out / "variations.png").is_file()
+    evaluated, result = run(root, "eval", "variation_eval", f"ckpt={last}", f"samples={out / 'variations.npz'}",
+                            "metric=fid", "n=3")  # variations.npz is a samples file like any other
+    assert result.returncode == 0, describe(result)
+    report = json.loads((evaluated / "metrics.json").read_text())
+    assert np.isfinite(report["metrics"]["fid_domain"]) and report["provenance"]["fid"]["generated"]["n_generated"] == 3
 
     _, result = run(root, "sample", "repaint_heun", f"ckpt={last}", "mode=inpaint", "sampler=heun")
     assert result.returncode == 2 and "inpaint.method=replace" in result.stderr and "Traceback" not in result.stderr
