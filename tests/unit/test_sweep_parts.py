@@ -225,3 +225,6 @@ def test_a_job_judges_its_trial_with_the_pruner_the_search_configured(tmp_path):
 
     with pytest.raises(ConfigError, match="is not one of Optuna's pruners"):  # built from config: Optuna's only
         load_trial({**sweeper, "pruner": {"_target_": "os.system", "command": "echo owned"}}, 6)
+    with pytest.raises(ConfigError, match="plain value"):  # nor anything nested inside an allowed pruner
+        load_trial({**sweeper, "pruner": {"_target_": "optuna.pruners.MedianPruner",
+                                          "n_startup_trials": {"_target_": "os.getpid"}}}, 6)

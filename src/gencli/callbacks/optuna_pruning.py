@@ -77,7 +77,6 @@ def load_trial(sweeper, number: int):
     from the same config (``pruner: null``: never prune).
     """
     import optuna
-    from hydra.utils import instantiate
 
     config = sweeper.get("pruner")
     target = str(config.get("_target_", "")) if config else ""
@@ -89,7 +88,14 @@ def load_trial(sweeper, number: int):
 
         raise ConfigError(f"hydra.sweeper.pruner._target_={target!r} is not one of Optuna's pruners: use "
                           "optuna.pruners.MedianPruner (or another class of optuna.pruners), or pruner: null.")
-    pruner = instantiate(config) if config else optuna.pruners.NopPruner()
+    settings = {k: v for k, v in config.items() if k != "_target_"} if config else {}
+    nested = [k for k, v in settings.items() if not isinstance(v, int | float | str | bool | type(None))]
+    if nested:
+        from gencli.errors import ConfigError
+
+        raise ConfigError(f"hydra.sweeper.pruner.{nested[0]} must be a plain value (a number, string or null): a "
+                          "pruner is built from plain settings only, never from nested configs.")
+    pruner = cls(**settings) if config else optuna.pruners.NopPruner()
     study = optuna.load_study(study_name=sweeper.get("study_name"), storage=sweeper.get("storage"), pruner=pruner)
     trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, int(number))
     return optuna.trial.Trial(study, trial_id)
