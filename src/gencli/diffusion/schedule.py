@@ -123,6 +123,10 @@ class NoiseSchedule:
         continuous-time samplers (Heun, DPM-Solver) step in (x_t / sqrt(alpha_bar_t) = x_0 + sigma_t eps)."""
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod).sqrt()
 
+    @functools.cached_property
+    def log_sigmas(self) -> Tensor:
+        return self.sigmas.log()
+
     def sigma_at(self, t: float) -> float:
         """sigma at a timestep that may fall between two integers: log sigma interpolated linearly between them,
         the inverse of :meth:`t_of_sigma` (diffusers' ``_sigma_to_t``); exact at integer t."""
@@ -130,15 +134,14 @@ class NoiseSchedule:
             raise ValueError(f"timestep {t} is outside 0..{self.timesteps - 1}")
         low = min(int(math.floor(t)), self.timesteps - 2)
         w = t - low
-        log_sigmas = self.sigmas.log()
         if w == 0:
             return float(self.sigmas[low])
-        return float(torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]))
+        return float(torch.exp((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]))
 
     def t_of_sigma(self, sigma: float) -> float:
         """The (fractional) timestep whose noise level is ``sigma``: log sigma interpolated between the two
         neighbouring timesteps, clipped to 0..T-1 (Karras et al. 2022's sigmas fall between timesteps)."""
-        log_sigmas = self.sigmas.log()
+        log_sigmas = self.log_sigmas
         log_sigma = math.log(max(sigma, 1e-10))
         low = int(min((log_sigmas <= log_sigma).sum().item() - 1, self.timesteps - 2))
         low = max(low, 0)
@@ -151,8 +154,9 @@ class NoiseSchedule:
         interpolated sigma (alpha_bar = 1 / (1 + sigma^2)) for fractional t."""
         if not torch.is_floating_point(t) or bool((t == t.round()).all()):
             return self.at(self.alphas_cumprod, t.round().long() if torch.is_floating_point(t) else t, like)
-        values = torch.tensor([1.0 / (1.0 + self.sigma_at(float(v)) ** 2) for v in t.flatten().tolist()],
-                              dtype=torch.float64)
+        levels, index = t.flatten().cpu().unique(return_inverse=True)  # a sampler's batch shares one t
+        values = torch.tensor([1.0 / (1.0 + self.sigma_at(float(v)) ** 2) for v in levels.tolist()],
+                              dtype=torch.float64)[index]
         return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
