@@ -145,6 +145,8 @@ class ImageDataModule(L.LightningDataModule):
 
     #: Short name used in cache keys and provenance.
     name: str = "images"
+    #: The class names, label i = class_names[i]; None: the images have no labels (see :meth:`classes`).
+    class_names: list[str] | None = None
 
     def __init__(
         self,
@@ -180,6 +182,11 @@ class ImageDataModule(L.LightningDataModule):
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.channels, self.image_size, self.image_size)
+
+    def classes(self) -> list[str] | None:
+        """The class names (label i is ``classes()[i]``), known without decoding any image; None when the data
+        has no labels. A conditional model learns its ``num_classes`` from this, as it learns its image shape."""
+        return list(self.class_names) if self.class_names else None
 
     # ---- subclasses
     def load_images(self) -> tuple[Tensor, Tensor]:

@@ -14,6 +14,7 @@ from gencli.data.base import ImageDataModule, resize_uint8
 
 class DigitsDataModule(ImageDataModule):
     name = "digits"
+    class_names = [str(d) for d in range(10)]
 
     def __init__(self, image_size: int = 16, channels: int = 1, **kwargs):
         super().__init__(image_size=image_size, channels=channels, **kwargs)

@@ -127,6 +127,16 @@ class FolderDataModule(ImageDataModule):
     def describe(self) -> dict:
         return {**super().describe(), "root": str(self.root), "resize": self.resize}
 
+    def classes(self) -> list[str] | None:
+        """The class subfolders, sorted (label i is the i-th), from the file names alone; None when any image lies
+        directly under root (then the folder is unlabelled: a conditional model on it is refused)."""
+        if self.root is None or not self.root.is_dir():
+            return None
+        parts = [p.relative_to(self.root).parts for p in list_images(self.root)]
+        if not parts or any(len(p) == 1 for p in parts):
+            return None
+        return sorted({p[0] for p in parts})
+
     def _decode(self, path: Path) -> np.ndarray | UnreadableImage:
         """uint8 CHW at ``image_size``, or the UnreadableImage that says why the file is skipped."""
         try:

@@ -163,6 +163,7 @@ class _DownloadableDataModule(ImageDataModule):
 class MNISTDataModule(_DownloadableDataModule):
     name = "mnist"
     torchvision_class = "MNIST"
+    class_names = [str(d) for d in range(10)]
     homepage = "https://yann.lecun.com/exdb/mnist/ (or any MNIST mirror)"
 
     def __init__(self, image_size: int = 32, channels: int = 1, batch_size: int = 128, **kwargs):
@@ -192,6 +193,7 @@ class MNISTDataModule(_DownloadableDataModule):
 class FashionMNISTDataModule(MNISTDataModule):
     name = "fashion_mnist"
     torchvision_class = "FashionMNIST"
+    class_names = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot"]
     homepage = "https://github.com/zalandoresearch/fashion-mnist"
 
 
@@ -236,6 +238,7 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
 class CIFAR10DataModule(_DownloadableDataModule):
     name = "cifar10"
     torchvision_class = "CIFAR10"
+    class_names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     homepage = "https://www.cs.toronto.edu/~kriz/cifar.html (cifar-10-python.tar.gz)"
     folder = "cifar-10-batches-py"
 
