@@ -40,6 +40,39 @@ def gan_norm(kind: str, channels: int) -> nn.Module:
     raise ConfigError(f"norm={kind!r} is not a normalisation the DCGAN nets know; use one of {', '.join(NORMS)}.")
 
 
+class ConditionalNorm(nn.Module):
+    """Conditional normalisation (de Vries et al. 2017; the conditional batch norm of Miyato & Koyama 2018): the
+    ``kind`` norm without its own affine, then a per-class scale and shift, gamma_y * h + beta_y (gamma starts at 1,
+    beta at 0, so it starts as the plain norm)."""
+
+    def __init__(self, kind: str, channels: int, num_classes: int):
+        super().__init__()
+        if kind == "batch":
+            self.norm: nn.Module = nn.BatchNorm2d(channels, affine=False)
+        elif kind == "layer":
+            self.norm = nn.GroupNorm(1, channels, affine=False)
+        elif kind == "none":
+            self.norm = nn.Identity()
+        else:
+            gan_norm(kind, channels)  # the same error as the unconditional nets
+        self.gain = nn.Embedding(num_classes, channels)
+        self.bias = nn.Embedding(num_classes, channels)
+        nn.init.ones_(self.gain.weight)
+        nn.init.zeros_(self.bias.weight)
+
+    def forward(self, h: Tensor, y: Tensor) -> Tensor:
+        return self.norm(h) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+def check_classes(num_classes: int | None) -> int:
+    if num_classes is None:
+        return 0
+    if int(num_classes) < 2:
+        raise ConfigError(f"num_classes={num_classes}: a class-conditional net needs at least 2 classes (null: "
+                          "unconditional).")
+    return int(num_classes)
+
+
 def dcgan_channels(n_stages: int, base_channels: int, max_channels: int) -> list[int]:
     """Channels from the 4x4 map outwards: [base*2**(n-1), ..., base*2, base], each capped."""
     if base_channels < 1 or max_channels < 1:
@@ -75,6 +108,7 @@ class DCGANGenerator(nn.Module):
         max_channels: int = 512,
         norm: str = "batch",
         init_std: float | None = 0.02,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if latent_dim < 1 or out_channels < 1:
@@ -82,20 +116,39 @@ class DCGANGenerator(nn.Module):
         n_stages = check_image_size(image_size)
         channels = dcgan_channels(n_stages, base_channels, max_channels)
         self.latent_dim = int(latent_dim)
+        #: class-conditional: every norm becomes a ConditionalNorm (per-class scale and shift)
+        self.num_classes = check_classes(num_classes)
+
+        def norm_of(ch: int) -> nn.Module:
+            return ConditionalNorm(norm, ch, self.num_classes) if self.num_classes else gan_norm(norm, ch)
+
         layers: list[nn.Module] = [
             nn.ConvTranspose2d(latent_dim, channels[0], 4, stride=1, padding=0, bias=norm == "none"),
-            gan_norm(norm, channels[0]),
+            norm_of(channels[0]),
             nn.ReLU(inplace=True),
         ]
         for prev, ch in zip(channels[:-1], channels[1:]):
             layers += [nn.ConvTranspose2d(prev, ch, 4, stride=2, padding=1, bias=norm == "none"),
-                       gan_norm(norm, ch), nn.ReLU(inplace=True)]
+                       norm_of(ch), nn.ReLU(inplace=True)]
         layers += [nn.ConvTranspose2d(channels[-1], out_channels, 4, stride=2, padding=1), nn.Tanh()]
         self.net = nn.Sequential(*layers)
         init_weights(self, init_std)
+        for m in self.modules():  # the per-class scales start at 1 whatever init_std did
+            if isinstance(m, ConditionalNorm):
+                nn.init.ones_(m.gain.weight)
+                nn.init.zeros_(m.bias.weight)
 
-    def forward(self, z: Tensor) -> Tensor:
-        return self.net(z.view(len(z), self.latent_dim, 1, 1))
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        h = z.view(len(z), self.latent_dim, 1, 1)
+        if not self.num_classes:
+            if y is not None:
+                raise ValueError("class labels were given to an unconditional generator (num_classes=null)")
+            return self.net(h)
+        if y is None:
+            raise ValueError("a class-conditional generator needs the labels y")
+        for layer in self.net:
+            h = layer(h, y) if isinstance(layer, ConditionalNorm) else layer(h)
+        return h
 
 
 class DCGANDiscriminator(nn.Module):
@@ -111,6 +164,7 @@ class DCGANDiscriminator(nn.Module):
         spectral_norm: bool = False,
         leaky_slope: float = 0.2,
         init_std: float | None = 0.02,
+        num_classes: int | None = None,
     ):
         super().__init__()
         if in_channels < 1:
@@ -128,11 +182,24 @@ class DCGANDiscriminator(nn.Module):
             prev = ch
         layers.append(nn.Conv2d(prev, 1, 4, stride=1, padding=0))
         self.net = nn.Sequential(*layers)
+        #: class-conditional: the projection discriminator (Miyato & Koyama 2018), score + <embed(y), phi(x)> with
+        #: phi(x) the last feature map summed over positions
+        self.num_classes = check_classes(num_classes)
+        self.embed = nn.Embedding(self.num_classes, prev) if self.num_classes else None
         init_weights(self, init_std)
         if self.spectral_norm:
             for m in self.net:
                 if isinstance(m, nn.Conv2d):
                     apply_spectral_norm(m)
+            if self.embed is not None:
+                apply_spectral_norm(self.embed)
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net(x).flatten()
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.embed is None:
+            if y is not None:
+                raise ValueError("class labels were given to an unconditional discriminator (num_classes=null)")
+            return self.net(x).flatten()
+        if y is None:
+            raise ValueError("a projection discriminator needs the labels y")
+        h = self.net[:-1](x)
+        return self.net[-1](h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
-from gencli.nets.unet import timestep_embedding
+from gencli.nets.unet import check_num_classes, class_embedding, timestep_embedding
 
 
 class MLPBlock(nn.Module):
@@ -30,12 +30,16 @@ class MLPBlock(nn.Module):
 
 
 class MLPDenoiser(nn.Module):
-    def __init__(self, in_features: int, hidden: int = 512, depth: int = 4, time_dim: int = 128, dropout: float = 0.0):
+    def __init__(self, in_features: int, hidden: int = 512, depth: int = 4, time_dim: int = 128, dropout: float = 0.0,
+                 num_classes: int | None = None):
         super().__init__()
         if in_features < 1 or hidden < 1 or depth < 1:
             raise ConfigError(f"model.net: in_features={in_features}, hidden={hidden}, depth={depth} must all be >= 1.")
         self.in_features, self.time_dim = int(in_features), int(time_dim)
         self.temb = nn.Sequential(nn.Linear(time_dim, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
+        # class-conditional: a class embedding added to the time embedding; index num_classes is "no class"
+        self.num_classes = check_num_classes(num_classes)
+        self.class_embed = nn.Embedding(self.num_classes + 1, hidden) if self.num_classes else None
         self.inp = nn.Linear(in_features, hidden)
         self.blocks = nn.ModuleList(MLPBlock(hidden, hidden, dropout) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden)
@@ -43,8 +47,9 @@ class MLPDenoiser(nn.Module):
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = nn.functional.silu(self.temb(timestep_embedding(t, self.time_dim)))
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        temb = self.temb(timestep_embedding(t, self.time_dim)) + class_embedding(self.class_embed, y, len(x), x.device)
+        temb = nn.functional.silu(temb)
         h = self.inp(x)
         for block in self.blocks:
             h = block(h, temb)

@@ -41,6 +41,28 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     return F.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def check_num_classes(num_classes: int | None) -> int:
+    """0 for an unconditional net, else the number of classes (>= 2)."""
+    if num_classes is None:
+        return 0
+    if int(num_classes) < 2:
+        raise ConfigError(f"model.net.num_classes={num_classes}: a class-conditional net needs at least 2 classes "
+                          "(null: unconditional).")
+    return int(num_classes)
+
+
+def class_embedding(embed: nn.Embedding | None, y: Tensor | None, n: int, device) -> Tensor | float:
+    """The class embedding to add to the time embedding: 0 for an unconditional net, the "no class" token's
+    (index num_classes) where ``y`` is None."""
+    if embed is None:
+        if y is not None:
+            raise ValueError("class labels were given to an unconditional net (built with num_classes=null)")
+        return 0.0
+    if y is None:
+        y = torch.full((n,), embed.num_embeddings - 1, dtype=torch.long, device=device)
+    return embed(y)
+
+
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
     """GroupNorm with ``groups`` groups, or the largest divisor of ``channels`` below it (narrow CPU nets)."""
     g = min(groups, channels)
@@ -117,6 +139,7 @@ class UNet(nn.Module):
         dropout: float = 0.1,
         out_channels: int | None = None,
         norm_groups: int = 32,
+        num_classes: int | None = None,
     ):
         super().__init__()
         ch_mult = [int(m) for m in ch_mult]
@@ -147,6 +170,10 @@ class UNet(nn.Module):
                         "model.net.attn_resolutions=[%d].", sorted(attn), sorted(attn - set(resolutions)),
                         image_size, image_size, resolutions, resolutions[min(1, levels - 1)])
         self.temb = nn.Sequential(nn.Linear(ch, temb_ch), nn.SiLU(), nn.Linear(temb_ch, temb_ch))
+        #: Class-conditional: a learned class embedding added to the time embedding (as in Ho & Salimans 2022 and
+        #: diffusers' UNet2DModel num_class_embeds); index num_classes is the "no class" token of guidance.
+        self.num_classes = check_num_classes(num_classes)
+        self.class_embed = nn.Embedding(self.num_classes + 1, temb_ch) if self.num_classes else None
         self.conv_in = nn.Conv2d(in_channels, ch, 3, padding=1)
 
         # ---- down: remember every output's width for the skip connections
@@ -187,8 +214,9 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        temb = self.temb(timestep_embedding(t, self.ch))
+    def forward(self, x: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """``y``: class labels (N,) of a conditional net, ``num_classes`` (or None) for "no class"."""
+        temb = self.temb(timestep_embedding(t, self.ch)) + class_embedding(self.class_embed, y, len(x), x.device)
         h = self.conv_in(x)
         hs = [h]
         for block in self.down:
