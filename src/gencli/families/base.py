@@ -24,6 +24,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gencli.errors import ConfigError
 from gencli.seeds import SampleGenerator
 from gencli.seeds import randn as draw_randn
 
@@ -44,9 +45,23 @@ class GenerativeModel(L.LightningModule):
         scheduler: Callable[..., Any] | None = None,
         monitor: str = "val/loss",
         monitor_mode: str = "min",
+        conditional: bool = False,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
     ):
         super().__init__()
         self.image_shape = tuple(int(s) for s in image_shape)
+        #: Class-conditional (``model.conditional=true``): every way of making an image takes ``labels``.
+        self.conditional = bool(conditional)
+        self.num_classes = int(num_classes) if conditional and num_classes is not None else None
+        self.class_names = [str(n) for n in class_names] if conditional and class_names else None
+        if self.conditional and (self.num_classes is None or self.num_classes < 2):
+            raise ConfigError(
+                f"model.conditional=true needs at least 2 classes, and model.num_classes is {num_classes}: it comes from "
+                "the data (gencli train fills it in from data=...'s labels). Train on labelled data (mnist, "
+                "fashion_mnist, cifar10, digits, or data=folder with one subfolder per class), or set "
+                "model.conditional=false."
+            )
         # Partials (functools.partial from Hydra's ``_partial_: true``) are kept out of the
         # hyper-parameters: checkpoints must hold only plain data so they load with weights_only.
         self.optimizer_factory = optimizer
@@ -96,31 +111,34 @@ class GenerativeModel(L.LightningModule):
 
     # ----------------------------------------------------------------- the interface
     @torch.no_grad()
-    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
-        """Return ``n`` images in [-1, 1], shape (n, *image_shape); a PerImageGenerator must cover ``n`` images."""
+    def sample(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None, **options: Any) -> Tensor:
+        """Return ``n`` images in [-1, 1], shape (n, *image_shape); a PerImageGenerator must cover ``n`` images.
+        ``labels`` (n,): the class of each image, for a conditional model (None: class-balanced, see check_labels)."""
         raise NotImplementedError
 
-    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
-        """Draw ``n`` latents from the family's prior (only where ``has_latent``)."""
+    def prior(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None) -> Tensor:
+        """Draw ``n`` latents from the family's prior (only where ``has_latent``), of class ``labels`` where the prior
+        depends on the class."""
         raise NotImplementedError(f"{type(self).__name__} has no latent prior")
 
-    def encode(self, x: Tensor) -> Tensor:
-        """Map images to latents (the posterior mean for a VAE)."""
+    def encode(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Map images (of class ``labels``, when conditional) to latents (the posterior mean for a VAE)."""
         raise NotImplementedError(f"{type(self).__name__} has no encoder")
 
-    def decode(self, z: Tensor, **options: Any) -> Tensor:
-        """Map latents to images in [-1, 1]."""
+    def decode(self, z: Tensor, labels: Tensor | None = None, **options: Any) -> Tensor:
+        """Map latents to images in [-1, 1] (of class ``labels``, when conditional)."""
         raise NotImplementedError(f"{type(self).__name__} has no decoder")
 
-    def reconstruct(self, x: Tensor) -> Tensor:
+    def reconstruct(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
         """Encode and decode ``x`` deterministically (only where ``has_encoder``)."""
-        return self.decode(self.encode(x))
+        return self.decode(self.encode(x, labels), labels)
 
     # ----------------------------------------------------------------- editing (gencli sample mode=inpaint|variation)
     #: Keyword options :meth:`inpaint` understands beyond the sample options (``method``, RePaint's jumps).
     inpaint_options: tuple[str, ...] = ()
 
-    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, **options: Any) -> Tensor:
+    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, labels: Tensor | None = None,
+                **options: Any) -> Tensor:
         """Fill ``images`` where ``mask`` (N, 1, H, W) is 0, consistently with where it is 1; the known pixels
         come back unchanged. Images in [-1, 1]."""
         from gencli.errors import ConfigError
@@ -128,7 +146,8 @@ class GenerativeModel(L.LightningModule):
         raise ConfigError(f"mode=inpaint needs a family that can take an image in: diffusion, latent diffusion, ae or "
                           f"vae; {type(self).__name__} only generates from noise (inverting a GAN is not built).")
 
-    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, **options: Any) -> Tensor:
+    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, labels: Tensor | None = None,
+             **options: Any) -> Tensor:
         """A variation of each image; ``strength`` in (0, 1]: 0 would keep the image, 1 ignores it."""
         from gencli.errors import ConfigError
 
@@ -139,7 +158,7 @@ class GenerativeModel(L.LightningModule):
         """What :meth:`inpaint` / :meth:`vary` did with these options, for sample.json and metrics.json."""
         return {"family": type(self).__name__, "mode": mode}
 
-    def score_batch(self, x: Tensor) -> dict[str, Tensor]:
+    def score_batch(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         """Per-sample evaluation terms for a batch of real images, e.g. reconstruction error.
 
         Returns a dict of 1-D tensors of length ``len(x)``; families without an encoder return {}.
@@ -151,6 +170,48 @@ class GenerativeModel(L.LightningModule):
         """What produced the samples, for the provenance in metrics.json (EMA, sampler, steps): of
         :meth:`sample` (``mode="sample"``) or of :meth:`decode` (``mode="decode"``) with these options."""
         return {"family": type(self).__name__}
+
+    # ----------------------------------------------------------------- class labels
+    def check_labels(self, labels: Tensor | None, n: int, generator: SampleGenerator = None) -> Tensor | None:
+        """The labels to draw ``n`` images with: None for an unconditional model (which refuses labels), else the
+        given ones, checked, or class-balanced ones (image i is class i % K, i from a PerImageGenerator's indices)."""
+        from gencli.labels import default_labels
+
+        if not self.conditional:
+            if labels is not None:
+                raise ConfigError(f"labels were given, but this {type(self).__name__} is unconditional (trained "
+                                  "without labels); drop labels=, or train with model.conditional=true.")
+            return None
+        if labels is None:
+            return default_labels(n, self.num_classes, generator, self.device)
+        labels = torch.as_tensor(labels, dtype=torch.long, device=self.device).flatten()
+        if len(labels) != n:
+            raise ConfigError(f"{len(labels)} labels were given for {n} images: give one label per image.")
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
+            raise ConfigError(f"labels must be classes 0..{self.num_classes - 1}; got {labels.unique().tolist()}.")
+        return labels
+
+    def batch_labels(self, batch: Any) -> Tensor | None:
+        """A training/validation batch's labels for a conditional model (None otherwise); unlabelled images (-1)
+        are refused with the fix."""
+        if not self.conditional:
+            return None
+        labels = batch[1]
+        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
+            raise ConfigError(
+                f"a batch holds labels {sorted(set(labels.tolist()))[:8]}, outside this conditional model's classes "
+                f"0..{self.num_classes - 1}: the data has unlabelled images (-1: images directly under data.root) or "
+                "other classes than the model was built for. Put every image in a class subfolder, or set "
+                "model.conditional=false."
+            )
+        return labels
+
+    def conditioning_info(self) -> dict[str, Any]:
+        """What sampling_info reports about classes (empty for an unconditional model)."""
+        if not self.conditional:
+            return {}
+        return {"conditional": True, "num_classes": self.num_classes,
+                **({"class_names": self.class_names} if self.class_names else {})}
 
     # ----------------------------------------------------------------- shared plumbing
     def randn(self, shape: tuple[int, ...], generator: SampleGenerator) -> Tensor:
@@ -239,6 +300,9 @@ def record_gencli_checkpoint(module: L.LightningModule, checkpoint: dict[str, An
         "metrics": {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1} if trainer else {},
         "image_shape": list(module.image_shape),
         "family": type(module).__name__,
+        "conditional": bool(getattr(module, "conditional", False)),
+        "num_classes": getattr(module, "num_classes", None),
+        "class_names": getattr(module, "class_names", None),
         **extra,
     }
 

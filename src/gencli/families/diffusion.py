@@ -55,7 +55,7 @@ def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
 
 class Diffusion(GenerativeModel):
     has_latent = True  # x_T, decoded deterministically by DDIM (eta = 0)
-    supported_sample_options = ("use_ema", "sampler")
+    supported_sample_options = ("use_ema", "sampler", "guidance")
     #: x0 estimates are clipped to the data range [-1, 1] when a sampler asks (pixel space only).
     clip_range = True
 
@@ -72,6 +72,8 @@ class Diffusion(GenerativeModel):
         monitor: str = "val/loss",
         monitor_mode: str = "min",
         x_shape: tuple[int, ...] | None = None,
+        label_dropout: float = 0.1,
+        guidance: float = 1.0,
         **base: Any,
     ):
         super().__init__(image_shape=image_shape, monitor=monitor, monitor_mode=monitor_mode, **base)
@@ -95,6 +97,20 @@ class Diffusion(GenerativeModel):
         self.x_shape = tuple(x_shape or self.image_shape)
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
         self.current_loss_name = "diffusion loss"
+        built = getattr(net, "num_classes", 0) or None
+        if built != self.num_classes:
+            raise ConfigError(
+                f"model.net was built for {built or 'no'} classes but the model is "
+                f"{'conditional on ' + str(self.num_classes) + ' classes' if self.conditional else 'unconditional'}: "
+                "leave model.net.num_classes at its default, ${model.num_classes}, and switch conditioning with "
+                "model.conditional=true|false."
+            )
+        if not 0 <= label_dropout < 1:
+            raise ConfigError(f"model.label_dropout={label_dropout} must be in [0, 1): the share of training labels "
+                              "replaced by 'no class' (Ho & Salimans use 0.1 or 0.2; 0 gives no unconditional model, so "
+                              "guidance other than 1 is then meaningless).")
+        self.label_dropout = float(label_dropout)
+        self.default_guidance = self.check_guidance(guidance, default=True)
         self._check_net()
 
     def _check_net(self) -> None:
@@ -128,13 +144,63 @@ class Diffusion(GenerativeModel):
     def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
         return pick_weights(self.net, self.net_ema, use_ema, "EMA weights")
 
-    def denoiser(self, net: nn.Module) -> Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]:
-        """``denoise(x_t, t, clip) -> (x0_hat, eps_hat)`` for the samplers."""
+    def denoiser(self, net: nn.Module, labels: Tensor | None = None, guidance: float | None = None
+                 ) -> Callable[[Tensor, Tensor, bool], tuple[Tensor, Tensor]]:
+        """``denoise(x_t, t, clip) -> (x0_hat, eps_hat)`` for the samplers (and the editing modes), with
+        classifier-free guidance when the model is conditional: every sampler gets it by getting this."""
 
         def denoise(x: Tensor, t: Tensor, clip: bool) -> tuple[Tensor, Tensor]:
-            return self.schedule.split_prediction(self.prediction, net(x, t), x, t, clip_x0=clip and self.clip_range)
+            out = self.guided_output(net, x, t, labels, guidance)
+            return self.schedule.split_prediction(self.prediction, out, x, t, clip_x0=clip and self.clip_range)
 
         return denoise
+
+    def guided_output(self, net: nn.Module, x: Tensor, t: Tensor, labels: Tensor | None,
+                      guidance: float | None) -> Tensor:
+        """The net's output, guided (Ho & Salimans 2022): uncond + w (cond - uncond), with w = ``guidance``; w = 0 is
+        the unconditional model (the "no class" label), w = 1 the conditional one, each one evaluation; any other w
+        evaluates both in one batch of 2N. The guidance is applied to the net's output, whatever it predicts (eps, v
+        or x0): each is linear in the other two given x_t, so guiding one guides all three alike."""
+        if labels is None:
+            return net(x, t)
+        w = self.default_guidance if guidance is None else guidance
+        if w == 1:
+            return net(x, t, labels)
+        null = torch.full_like(labels, self.num_classes)
+        if w == 0:
+            return net(x, t, null)
+        both = net(torch.cat([x, x]), torch.cat([t, t]), torch.cat([null, labels]))
+        uncond, cond = both.chunk(2)
+        return uncond + w * (cond - uncond)
+
+    def check_guidance(self, guidance: Any, default: bool = False) -> float:
+        """The guidance weight w as a float >= 0; only conditional models take one at sample time."""
+        if guidance is None:
+            return getattr(self, "default_guidance", 1.0)
+        where = "model.guidance" if default else "guidance"
+        if not default and not self.conditional:
+            raise ConfigError(f"guidance={guidance} needs a class-conditional diffusion model (classifier-free "
+                              "guidance mixes its conditional and unconditional predictions); this checkpoint is "
+                              "unconditional. Drop guidance=, or train with model.conditional=true.")
+        try:
+            w = float(guidance)
+        except (TypeError, ValueError):
+            w = float("nan")
+        if not w >= 0 or w == float("inf"):
+            raise ConfigError(f"{where}={guidance} must be a number >= 0: the classifier-free guidance weight w (0: "
+                              "unconditional, 1: the plain conditional model, 2-4: stronger class fidelity).")
+        if w not in (0.0, 1.0) and self.conditional and self.label_dropout == 0:
+            raise ConfigError(f"{where}={guidance} mixes in the unconditional prediction, but this model was trained with "
+                              "model.label_dropout=0, so its 'no class' input was never trained. Use guidance=1, or "
+                              "train with model.label_dropout=0.1.")
+        return w
+
+    def guidance_nfe_factor(self, guidance: float | None) -> int:
+        """Network evaluations per image per step: 2 when guidance mixes two predictions, else 1."""
+        if not self.conditional:
+            return 1
+        w = self.check_guidance(guidance)
+        return 1 if w in (0.0, 1.0) else 2
 
     def check_sampler(self, sampler: Any) -> Sampler:
         if sampler is None:
@@ -151,24 +217,32 @@ class Diffusion(GenerativeModel):
         return self.randn((n, *self.x_shape), generator)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: SampleGenerator = None, use_ema: bool | None = None,
-               sampler: Sampler | None = None, **options: Any) -> Tensor:
+    def sample(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None,
+               use_ema: bool | None = None, sampler: Sampler | None = None, guidance: float | None = None,
+               **options: Any) -> Tensor:
         if options:
-            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
+            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema, sampler "
+                              "and guidance.")
         sampler = self.check_sampler(sampler)
+        labels = self.check_labels(labels, n, generator)
+        guidance = self.check_guidance(guidance)
         x_T = self.prior(n, generator)
         with eval_mode(self.sampling_net(use_ema)) as net:
-            x0 = sampler.sample(self.denoiser(net), self.schedule, x_T, generator)
+            x0 = sampler.sample(self.denoiser(net, labels, guidance), self.schedule, x_T, generator)
         return self.to_image(x0)
 
     @torch.no_grad()
-    def decode(self, z: Tensor, use_ema: bool | None = None, sampler: Sampler | None = None, **options: Any) -> Tensor:
+    def decode(self, z: Tensor, labels: Tensor | None = None, use_ema: bool | None = None,
+               sampler: Sampler | None = None, guidance: float | None = None, **options: Any) -> Tensor:
         """x_T -> image with a deterministic sampler: DDIM with eta = 0 (the default sampler's steps) unless given one."""
         if options:
-            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema and sampler.")
+            raise ConfigError(f"{', '.join(options)} does not apply to a diffusion model: it supports use_ema, sampler "
+                              "and guidance.")
         sampler = self.decode_sampler(sampler)
+        labels = self.check_labels(labels, len(z))
+        guidance = self.check_guidance(guidance)
         with eval_mode(self.sampling_net(use_ema)) as net:
-            return self.to_image(sampler.sample(self.denoiser(net), self.schedule, z.to(self.device)))
+            return self.to_image(sampler.sample(self.denoiser(net, labels, guidance), self.schedule, z.to(self.device)))
 
     def decode_sampler(self, sampler: Sampler | None = None) -> Sampler:
         """The deterministic sampler :meth:`decode` uses: the given one, else the default sampler when it is
@@ -189,15 +263,18 @@ class Diffusion(GenerativeModel):
     inpaint_options = ("method", "jump_length", "jump_n_sample")
 
     @torch.no_grad()
-    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, use_ema: bool | None = None,
-                sampler: Sampler | None = None, method: str = "repaint", jump_length: int = 10,
-                jump_n_sample: int = 10) -> Tensor:
+    def inpaint(self, images: Tensor, mask: Tensor, generator: SampleGenerator = None, labels: Tensor | None = None,
+                use_ema: bool | None = None, sampler: Sampler | None = None, guidance: float | None = None,
+                method: str = "repaint", jump_length: int = 10, jump_n_sample: int = 10) -> Tensor:
         """RePaint or replacement (:mod:`gencli.diffusion.editing`); the known pixels are pasted back at the end."""
         sampler = self.check_sampler(sampler)
+        labels = self.check_labels(labels, len(images), generator)
+        guidance = self.check_guidance(guidance)
         known, mask_x = self.x_known(images, mask)
         x_T = self.prior(len(images), generator)
         with eval_mode(self.sampling_net(use_ema)) as net:
-            x0 = editing.inpaint(self.inpaint_denoiser(self.denoiser(net), images, mask), self.schedule, sampler,
+            denoise = self.denoiser(net, labels, guidance)
+            x0 = editing.inpaint(self.inpaint_denoiser(denoise, images, mask), self.schedule, sampler,
                                  known, mask_x, x_T, generator, method, jump_length, jump_n_sample)
         return images * mask + self.to_image(x0) * (1 - mask)
 
@@ -210,17 +287,20 @@ class Diffusion(GenerativeModel):
         return denoise
 
     @torch.no_grad()
-    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, use_ema: bool | None = None,
-             sampler: Sampler | None = None) -> Tensor:
+    def vary(self, images: Tensor, strength: float, generator: SampleGenerator = None, labels: Tensor | None = None,
+             use_ema: bool | None = None, sampler: Sampler | None = None, guidance: float | None = None) -> Tensor:
         """SDEdit (:func:`gencli.diffusion.editing.vary`), in latent space for latent diffusion."""
         sampler = self.check_sampler(sampler)
+        labels = self.check_labels(labels, len(images), generator)
+        guidance = self.check_guidance(guidance)
         with eval_mode(self.sampling_net(use_ema)) as net:
-            x0 = editing.vary(self.denoiser(net), self.schedule, sampler, self.to_x(images), strength, generator)
+            x0 = editing.vary(self.denoiser(net, labels, guidance), self.schedule, sampler, self.to_x(images), strength,
+                              generator)
         return self.to_image(x0)
 
     def editing_info(self, mode: str, use_ema: bool | None = None, sampler: Sampler | None = None,
-                     **options: Any) -> dict[str, Any]:
-        info = {**self.sampling_info(use_ema=use_ema, sampler=sampler), "mode": mode}
+                     guidance: float | None = None, **options: Any) -> dict[str, Any]:
+        info = {**self.sampling_info(use_ema=use_ema, sampler=sampler, guidance=guidance), "mode": mode}
         used = self.check_sampler(sampler)
         if mode == "variation":
             info.update(editing.variation_info(used, self.schedule, editing.check_strength(options.get("strength", 1))))
@@ -228,17 +308,23 @@ class Diffusion(GenerativeModel):
             method = options.get("method", "repaint")
             jumps = int(options.get("jump_length", 10)), int(options.get("jump_n_sample", 10))
             editing.check_inpaint(method, used, *jumps)
-            info.update(method=method, nfe=editing.inpaint_nfe(method, used, self.schedule, *jumps),
+            info.update(method=method, nfe=editing.inpaint_nfe(method, used, self.schedule, *jumps)
+                        * self.guidance_nfe_factor(guidance),
                         **({"jump_length": jumps[0], "jump_n_sample": jumps[1]} if method == "repaint" else {}))
         return info
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
-        return self.net(x, t)
+    def forward(self, x: Tensor, t: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.net(x, t) if labels is None else self.net(x, t, labels)
 
     def sampling_info(self, use_ema: bool | None = None, sampler: Sampler | None = None, mode: str = "sample",
-                      **options: Any) -> dict[str, Any]:
+                      guidance: float | None = None, **options: Any) -> dict[str, Any]:
         ema = self.sampling_net(use_ema) is self.net_ema
         used = self.decode_sampler(sampler) if mode == "decode" else self.check_sampler(sampler)
+        conditioning = {}
+        if self.conditional:
+            conditioning = {**self.conditioning_info(), "guidance": self.check_guidance(guidance),
+                            "guidance_method": "classifier-free (Ho & Salimans 2022): uncond + w (cond - uncond)",
+                            "label_dropout": self.label_dropout}
         return {
             "family": type(self).__name__,
             "weights": "ema" if ema else "raw",
@@ -246,25 +332,36 @@ class Diffusion(GenerativeModel):
             # steps as walked (a sampler with steps=null walks all T)
             "sampler": {**used.describe(), "steps": len(used.timesteps(self.schedule))},
             # network evaluations per image: what sampling costs, whichever sampler (Heun: 2 per step but the last)
-            "nfe": used.nfe(self.schedule),
+            "nfe": used.nfe(self.schedule) * self.guidance_nfe_factor(guidance),
             "schedule": self.schedule.describe(),
             "prediction": self.prediction,
             "ema_updates": int(self.ema_updates),
+            **conditioning,
         }
 
     # ----------------------------------------------------------------- training
-    def per_sample_loss(self, x0: Tensor, net: nn.Module, generator: torch.Generator | None = None
-                        ) -> tuple[Tensor, Tensor]:
+    def per_sample_loss(self, x0: Tensor, net: nn.Module, generator: torch.Generator | None = None,
+                        labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """DDPM's simple loss per sample (mean over dimensions) and the t it was taken at."""
         t = self.schedule.sample_timesteps(len(x0), x0.device, generator)
         noise = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device).to(x0)
         x_t = self.schedule.q_sample(x0, t, noise)
         target = self.schedule.target(self.prediction, x0, noise, t)
-        return (net(x_t, t) - target).pow(2).flatten(1).mean(1), t
+        out = net(x_t, t) if labels is None else net(x_t, t, labels)
+        return (out - target).pow(2).flatten(1).mean(1), t
+
+    def training_labels(self, batch) -> Tensor | None:
+        """The batch's labels, each replaced by "no class" (index num_classes) with probability label_dropout, so the
+        one net also learns the unconditional model that guidance needs (Ho & Salimans 2022)."""
+        labels = self.batch_labels(batch)
+        if labels is None or self.label_dropout == 0:
+            return labels
+        drop = torch.rand(len(labels), device=labels.device) < self.label_dropout
+        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
 
     def training_step(self, batch, batch_idx):
         x0 = self.to_x(batch[0])
-        loss, t = self.per_sample_loss(x0, self.net)
+        loss, t = self.per_sample_loss(x0, self.net, labels=self.training_labels(batch))
         if self.min_snr_gamma is not None:  # training only: val/loss stays DDPM's simple loss, comparable across runs
             loss = loss * self.schedule.min_snr_weight(self.prediction, t, self.min_snr_gamma, x0)
         loss = loss.mean()
@@ -290,7 +387,7 @@ class Diffusion(GenerativeModel):
         for name, net in nets.items():
             # The same t and noise for every validation pass, so epochs compare like with like.
             generator = torch.Generator().manual_seed(1_000_003 * batch_idx + 17)
-            loss, t = self.per_sample_loss(x0, net, generator)
+            loss, t = self.per_sample_loss(x0, net, generator, labels=self.batch_labels(batch))
             self.log(name, loss.mean(), prog_bar=name == "val/loss", sync_dist=True, batch_size=len(x0))
             if name == "val/loss":
                 bucket = (t * T_BUCKETS) // self.schedule.timesteps
@@ -380,6 +477,11 @@ class LatentDiffusion(Diffusion):
         else:
             raise ConfigError("model=ldm needs model.first_stage_ckpt=PATH: the checkpoint of a trained autoencoder, e.g. "
                               "from 'gencli train model=vae data=mnist' (its checkpoints/last.ckpt).")
+        if getattr(first_stage, "conditional", False):
+            raise ConfigError(f"model.first_stage_ckpt={path} holds a class-conditional {type(first_stage).__name__}; "
+                              "latent diffusion needs an unconditional first stage (its encoder and decoder take no "
+                              "labels). Train the autoencoder with model.conditional=false and make the latent "
+                              "diffusion conditional instead (model.conditional=true).")
         if not getattr(first_stage, "has_encoder", False):
             raise ConfigError(f"model.first_stage_ckpt={path} holds a {type(first_stage).__name__}, which has no encoder; "
                               "latent diffusion needs an autoencoder checkpoint (model=ae or model=vae).")

@@ -151,6 +151,15 @@ class GAN(GenerativeModel):
         if gen_latent != latent_dim:
             raise ConfigError(f"model.latent_dim={latent_dim} but the generator takes {gen_latent}-d latents; "
                               "leave model.generator.latent_dim at its default, ${model.latent_dim}.")
+        for role, net in (("generator", generator), ("discriminator", discriminator)):
+            built = getattr(net, "num_classes", 0) or None
+            if built != self.num_classes:
+                raise ConfigError(
+                    f"model.{role} was built for {built or 'no'} classes but the model is "
+                    f"{'conditional on ' + str(self.num_classes) + ' classes' if self.conditional else 'unconditional'}: "
+                    f"leave model.{role}.num_classes at its default, ${{model.num_classes}}, and switch conditioning with "
+                    "model.conditional=true|false."
+                )
         self.generator = generator
         self.discriminator = discriminator
         self.latent_dim = int(latent_dim)
@@ -172,7 +181,8 @@ class GAN(GenerativeModel):
     def _check_output_shape(self) -> None:
         was_training = self.generator.training
         with torch.no_grad():
-            out = self.generator.eval()(torch.zeros(1, self.latent_dim))
+            labels = torch.zeros(1, dtype=torch.long) if self.conditional else None
+            out = self.generator.eval()(torch.zeros(1, self.latent_dim), *([labels] if self.conditional else []))
         self.generator.train(was_training)
         if tuple(out.shape[1:]) != self.image_shape:
             raise ConfigError(
@@ -181,8 +191,16 @@ class GAN(GenerativeModel):
             )
 
     # ----------------------------------------------------------------- sampling interface
-    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None) -> Tensor:
         return self.randn((n, self.latent_dim), generator)
+
+    def generate(self, net: nn.Module, z: Tensor, labels: Tensor | None) -> Tensor:
+        """G(z) or, conditional, G(z, y)."""
+        return net(z) if labels is None else net(z, labels)
+
+    def judge(self, x: Tensor, labels: Tensor | None) -> Tensor:
+        """D(x) or, conditional, the projection discriminator's D(x, y)."""
+        return self.discriminator(x) if labels is None else self.discriminator(x, labels)
 
     def sampling_net(self, use_ema: bool | None = None) -> nn.Module:
         return pick_weights(self.generator, self.generator_ema, use_ema, "EMA generator")
@@ -200,25 +218,27 @@ class GAN(GenerativeModel):
                               "toward the prior mean by psi (1 = no truncation; 0.7 is a common choice).")
         return psi
 
-    def decode(self, z: Tensor, use_ema: bool | None = None, truncation: float | None = None, **options: Any) -> Tensor:
+    def decode(self, z: Tensor, labels: Tensor | None = None, use_ema: bool | None = None,
+               truncation: float | None = None, **options: Any) -> Tensor:
         if options:
             raise ConfigError(f"{', '.join(options)} does not apply to a GAN: it supports use_ema and truncation.")
+        labels = self.check_labels(labels, len(z))
         psi = self.check_truncation(truncation)
         if psi is not None:
             z = psi * z  # psi-scaling toward the mean of the N(0, I) prior
         net = self.sampling_net(use_ema)
         if net is not self.generator_ema or not net.training:
-            return net(z)
+            return self.generate(net, z, labels)
         # The EMA copy is never trained: it always runs with its (copied) running statistics.
         net.eval()
         try:
-            return net(z)
+            return self.generate(net, z, labels)
         finally:
             net.train()
 
     @torch.no_grad()
-    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
-        return self.decode(self.prior(n, generator), **options)
+    def sample(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None, **options: Any) -> Tensor:
+        return self.decode(self.prior(n, generator), self.check_labels(labels, n, generator), **options)
 
     def forward(self, z: Tensor) -> Tensor:
         return self.decode(z)
@@ -236,6 +256,7 @@ class GAN(GenerativeModel):
             "truncation_method": "psi-scaling toward the prior mean (z -> psi * z)" if psi is not None else None,
             "prior": f"N(0, I), {self.latent_dim}-d",
             "generator_steps": int(self.g_steps),
+            **self.conditioning_info(),
         }
 
     # ----------------------------------------------------------------- training
@@ -266,15 +287,18 @@ class GAN(GenerativeModel):
 
     def training_step(self, batch, batch_idx):
         real = batch[0]
+        # conditional: the fakes are drawn for the real batch's labels (the data's class frequencies), and D judges
+        # each image with its label
+        labels = self.batch_labels(batch)
         opt_g, opt_d = self.optimizers()
         g_turn = (int(self.d_steps) + 1) % self.n_critic == 0
         z = torch.randn(len(real), self.latent_dim, device=real.device)
         with torch.set_grad_enabled(g_turn):
-            fake = self.generator(z)
+            fake = self.generate(self.generator, z, labels)
 
         # ---- discriminator (critic) step
-        d_real = self.discriminator(real)
-        d_fake = self.discriminator(fake.detach())
+        d_real = self.judge(real, labels)
+        d_fake = self.judge(fake.detach(), labels)
         d_adv = discriminator_loss(self.loss, d_real, d_fake)
         logs = {"train/d_real": d_real.detach().mean(), "train/d_fake": d_fake.detach().mean(),
                 "train/d_acc": pairwise_accuracy(d_real, d_fake)}
@@ -283,7 +307,7 @@ class GAN(GenerativeModel):
             logs["train/d_confident"] = confident
         d_loss = d_adv
         if self.loss == "wgan_gp":
-            gp = gradient_penalty(self.discriminator, real, fake)
+            gp = gradient_penalty(lambda x: self.judge(x, labels), real, fake)
             d_loss = d_adv + self.gp_lambda * gp
             logs["train/gp"] = gp.detach()
             logs["train/wasserstein"] = -d_adv.detach()
@@ -296,7 +320,7 @@ class GAN(GenerativeModel):
         # ---- generator step, every n_critic-th batch, against the updated discriminator
         if g_turn:
             self.toggle_optimizer(opt_g)
-            g_loss = generator_loss(self.loss, self.discriminator(fake))
+            g_loss = generator_loss(self.loss, self.judge(fake, labels))
             opt_g.zero_grad(set_to_none=True)
             self.backward_named("generator loss", g_loss)
             opt_g.step()

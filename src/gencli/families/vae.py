@@ -57,30 +57,28 @@ class VAE(EncoderDecoderModel):
         self.likelihood = likelihood
         self.obs_sigma = obs_sigma
         self.sigma_momentum = float(sigma_momentum)
-        self.to_posterior = nn.Linear(encoder.out_features, 2 * self.latent_dim)
+        self.to_posterior = nn.Linear(encoder.out_features + self.label_dim, 2 * self.latent_dim)
         # Running log sigma of the calibrated Gaussian decoder, used when evaluating.
         self.register_buffer("log_sigma", torch.tensor(0.0 if obs_sigma is None else math.log(obs_sigma)))
 
     # ---- the model
-    def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        mu, logvar = self.to_posterior(self.encoder(x)).chunk(2, dim=1)
+    def posterior(self, x: Tensor, labels: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """q(z|x) (q(z|x, y) when conditional): mean and log-variance."""
+        mu, logvar = self.to_posterior(self.encoder_features(x, labels)).chunk(2, dim=1)
         return mu, logvar.clamp(-30, 20)
 
-    def encode(self, x: Tensor) -> Tensor:
-        return self.posterior(x)[0]
+    def encode(self, x: Tensor, labels: Tensor | None = None) -> Tensor:
+        return self.posterior(x, labels)[0]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.reconstruct(x)
 
-    def prior_mean(self) -> Tensor:
+    def prior_mean(self, labels: Tensor | None = None) -> Tensor:
         return torch.zeros(self.latent_dim, device=self.device)
 
-    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
+    def prior(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None) -> Tensor:
+        """z ~ N(0, I), for every class alike (a CVAE's class lives in the decoder's input, not in the prior)."""
         return self.randn((n, self.latent_dim), generator)
-
-    @torch.no_grad()
-    def sample(self, n: int, generator: SampleGenerator = None, **options: Any) -> Tensor:
-        return self.decode(self.prior(n, generator))
 
     # ---- the bound
     def log_likelihood(self, out: Tensor, x: Tensor, log_sigma: Tensor | None = None) -> Tensor:
@@ -97,10 +95,11 @@ class VAE(EncoderDecoderModel):
     def kl(mu: Tensor, logvar: Tensor) -> Tensor:
         return 0.5 * (mu.pow(2) + logvar.exp() - 1 - logvar).sum(1)
 
-    def terms(self, x: Tensor, training: bool) -> dict[str, Tensor]:
-        mu, logvar = self.posterior(x)
+    def terms(self, x: Tensor, training: bool, labels: Tensor | None = None) -> dict[str, Tensor]:
+        labels = self.check_labels(labels, len(x))
+        mu, logvar = self.posterior(x, labels)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
-        out = self.decoder(z)
+        out = self.decoder_out(z, labels)
         log_sigma = None
         if self.likelihood == "gaussian" and self.obs_sigma is None and training:
             # Calibrated decoder: the maximum-likelihood sigma for this batch (gradient flows through).
@@ -124,7 +123,7 @@ class VAE(EncoderDecoderModel):
         return nll / (self.pixels * math.log(2.0))
 
     def training_step(self, batch, batch_idx):
-        t = self.terms(batch[0], training=True)
+        t = self.terms(batch[0], training=True, labels=self.batch_labels(batch))
         beta = self.beta_now()
         loss = (-t["log_px"] + beta * t["kl"]).mean()
         self.log_step({"train/loss": loss, "train/recon": -t["log_px"].mean(), "train/kl": t["kl"].mean(),
@@ -133,26 +132,28 @@ class VAE(EncoderDecoderModel):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        x = batch[0]
-        t = self.terms(x, training=False)
+        x, labels = batch[0], self.batch_labels(batch)
+        t = self.terms(x, training=False, labels=labels)
         loss = (-t["log_px"] + self.beta * t["kl"]).mean()
         self.log_dict(
             {"val/loss": loss, "val/recon": -t["log_px"].mean(), "val/kl": t["kl"].mean(),
              "val/elbo": t["elbo"].mean(), "val/bpd": self.bits_per_dim(t["elbo"]).mean(),
-             "val/recon_mse": self.pixel_mse(self.reconstruct(x), x).mean()},
+             "val/recon_mse": self.pixel_mse(self.reconstruct(x, labels), x).mean()},
             sync_dist=True,
         )
         self.log("val/elbo_per_dim", t["elbo"].mean() / self.pixels, prog_bar=True, sync_dist=True)
 
     @torch.no_grad()
-    def score_batch(self, x: Tensor) -> dict[str, Tensor]:
-        t = self.terms(x, training=False)
+    def score_batch(self, x: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        labels = self.check_labels(labels, len(x))
+        t = self.terms(x, training=False, labels=labels)
         return {
-            "recon_mse": self.pixel_mse(self.reconstruct(x), x),
+            "recon_mse": self.pixel_mse(self.reconstruct(x, labels), x),
             "elbo": t["elbo"],
             "bpd": self.bits_per_dim(t["elbo"]),
             "kl": t["kl"],
         }
 
     def sampling_info(self, **options: Any) -> dict[str, Any]:
-        return {"family": "VAE", "prior": "N(0, I)", "output": "decoder mean", "likelihood": self.likelihood}
+        return {"family": "VAE", "prior": "N(0, I)", "output": "decoder mean", "likelihood": self.likelihood,
+                **self.conditioning_info()}

@@ -38,6 +38,7 @@ def train(cfg: DictConfig) -> float | None:
         return finished_value(cfg, resume)
     hardware = instantiate(cfg.hardware)
     datamodule = instantiate(cfg.data)
+    classes_from_data(cfg, datamodule)
     model = hardware.apply(instantiate(cfg.model))
     # travels in every checkpoint (without Hydra's own settings, which only the launching command needs)
     model.run_config = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k != "hydra"}
@@ -66,6 +67,33 @@ def train(cfg: DictConfig) -> float | None:
                       reason="stopped early by the Optuna search's pruner" if pruned else None)
     value = metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None or not math.isfinite(value) else value
+
+
+def classes_from_data(cfg: DictConfig, datamodule) -> None:
+    """A conditional model learns its classes from the data, as it learns its image shape: ``model.num_classes`` and
+    ``model.class_names`` are filled in from ``datamodule.classes()`` (so the stored config rebuilds the model)."""
+    if not cfg.model.get("conditional"):
+        return
+    from omegaconf import open_dict
+
+    from gencli.errors import ConfigError
+
+    names = datamodule.classes()
+    if not names or len(names) < 2:
+        where = f" (data.root={getattr(datamodule, 'root', None)})" if hasattr(datamodule, "root") else ""
+        raise ConfigError(
+            f"model.conditional=true needs labelled data, and data={datamodule.name}{where} has "
+            f"{'one class' if names else 'no labels'}: a folder is labelled by its subfolders (one per class, at least "
+            "two, with every image inside one). Sort the images into class subfolders, or set model.conditional=false."
+        )
+    given = cfg.model.get("num_classes")
+    if given is not None and int(given) != len(names):
+        raise ConfigError(f"model.num_classes={given} but data={datamodule.name} has {len(names)} classes "
+                          f"({', '.join(names[:10])}{', ...' if len(names) > 10 else ''}); leave model.num_classes "
+                          "null: gencli takes it from the data.")
+    with open_dict(cfg):
+        cfg.model.num_classes = len(names)
+        cfg.model.class_names = list(names)
 
 
 def scalar_metrics(trainer: L.Trainer) -> dict[str, float]:
