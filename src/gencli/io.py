@@ -166,6 +166,8 @@ class NpzImageWriter(_CompleteOrNothing):
         self.path = Path(path)
         self.shape = (int(n), *(int(s) for s in image_shape))
         self.written = 0
+        #: small arrays written beside the images at close (the class labels of a conditional model's samples)
+        self.extra: dict[str, np.ndarray] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
         self._file = self._zip = self._entry = None
@@ -196,6 +198,9 @@ class NpzImageWriter(_CompleteOrNothing):
             raise ValueError(f"{self.path}: {self.written} of {self.shape[0]} images were written; not saved")
         try:
             self._entry.close()
+            for key, array in self.extra.items():
+                with self._zip.open(f"{key}.npy", "w", force_zip64=True) as entry:
+                    np.lib.format.write_array(entry, np.ascontiguousarray(array), allow_pickle=False)
             self._zip.close()
             self._file.close()
             os.replace(self._tmp, self.path)
@@ -233,6 +238,8 @@ class PngFolderWriter(_CompleteOrNothing):
         self.path = Path(path)
         self.shape = (int(n), *(int(s) for s in image_shape))
         self.written = 0
+        #: small arrays written beside the images at close (the class labels of a conditional model's samples)
+        self.extra: dict[str, np.ndarray] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
         os.chmod(self._tmp, 0o777 & ~_UMASK)

@@ -73,6 +73,8 @@ GENCLI_TARGETS = frozenset({
     "gencli.metrics.reconstruction.ReconstructionMetrics",
     "gencli.metrics.editing.InpaintingQuality",
     "gencli.metrics.editing.PerceptualPathLength",
+    "gencli.metrics.conditional.ClassAccuracy",
+    "gencli.metrics.conditional.IntraFID",
     "gencli.metrics.features.DomainFeatures",
     "gencli.metrics.features.InceptionFeatures",
 })

@@ -94,9 +94,11 @@ RANGES: dict[str, dict[str, Range]] = {
     "gencli.families.gan.GAN": {"latent_dim": POSITIVE, "n_critic": POSITIVE, "gp_lambda": NON_NEGATIVE,
                                 "ema_decay": Range(ge=0, lt=1), "loss": OneOf("gencli.families.gan:LOSSES")},
     "gencli.families.diffusion.Diffusion": {"ema_decay": Range(ge=0, lt=1), "grad_clip": Range(gt=0),
-                                            "min_snr_gamma": Range(gt=0),
+                                            "min_snr_gamma": Range(gt=0), "label_dropout": Range(ge=0, lt=1),
+                                            "guidance": NON_NEGATIVE,
                                             "prediction": OneOf("gencli.diffusion.schedule:PREDICTIONS")},
     "gencli.families.diffusion.LatentDiffusion": {"ema_decay": Range(ge=0, lt=1), "grad_clip": Range(gt=0),
+                                                  "label_dropout": Range(ge=0, lt=1), "guidance": NON_NEGATIVE,
                                                   "prediction": OneOf("gencli.diffusion.schedule:PREDICTIONS")},
     "gencli.families.classifier.Classifier": {"shift": NON_NEGATIVE, "label_smoothing": Range(ge=0, lt=1)},
     "gencli.nets.conv.ConvEncoder": {"out_features": POSITIVE, "base_channels": POSITIVE, "max_channels": POSITIVE,
@@ -180,6 +182,8 @@ class SampleJob:
     mask: str
     inpaint: dict
     strength: Annotated[float, Range(gt=0, le=1)]
+    labels: int | str | list[int | str] | None
+    guidance: Annotated[float, NON_NEGATIVE] | None
 
 
 @dataclass
@@ -197,6 +201,8 @@ class EvalJob:
     truncation: Annotated[float, Range(gt=0, le=1)] | None
     save_samples: bool
     reference: dict
+    labels: int | str | list[int | str] | None
+    guidance: Annotated[float, NON_NEGATIVE] | None
 
 
 JOBS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "eval": EvalJob}

@@ -40,14 +40,18 @@ class SampleGrid(L.Callback):
         try:
             images = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
             scale = auto_scale(images.shape[-1])
-            self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, scale=scale)
+            # a conditional model draws image i as class i % K (class-balanced): one column per class
+            columns = pl_module.num_classes if getattr(pl_module, "conditional", False) else None
+            self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, nrow=columns, scale=scale)
             for logger in trainer.loggers:  # TensorBoard shows the same grid beside the curves
                 if hasattr(getattr(logger, "experiment", None), "add_image"):
                     grid = (make_grid(images.cpu()) + 1) / 2
                     logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
             if self.reconstructions and pl_module.has_encoder and trainer.datamodule is not None:
-                x = next(iter(trainer.datamodule.val_dataloader()))[0][: min(32, self.n)].to(pl_module.device)
-                pairs = torch.stack([x, pl_module.reconstruct(x)], 1).flatten(0, 1)
+                x, y = next(iter(trainer.datamodule.val_dataloader()))
+                x = x[: min(32, self.n)].to(pl_module.device)
+                own = {"labels": y[: len(x)].to(pl_module.device)} if getattr(pl_module, "conditional", False) else {}
+                pairs = torch.stack([x, pl_module.reconstruct(x, **own)], 1).flatten(0, 1)
                 save_image_grid(self.dirpath / f"{name}_reconstructions.png", pairs, nrow=16, scale=scale)
         finally:
             pl_module.train(was_training)

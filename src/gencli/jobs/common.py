@@ -232,7 +232,7 @@ def sample_options(cfg: DictConfig, model) -> dict[str, Any]:
     from hydra.utils import instantiate
 
     options = {}
-    for key in ("use_ema", "truncation", "sampler"):
+    for key in ("use_ema", "truncation", "sampler", "guidance"):
         value = cfg.get(key)
         if value is None:
             continue

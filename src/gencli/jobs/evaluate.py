@@ -21,7 +21,9 @@ from gencli.config import CONF_DIR
 from gencli.errors import ConfigError
 from gencli.io import restore_model, write_json
 from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
+from gencli.labels import plan_labels
 from gencli.metrics.base import EvalContext
+from gencli.metrics.conditional import add_class_metrics
 from gencli.provenance import environment
 
 log = logging.getLogger(__name__)
@@ -57,12 +59,14 @@ def evaluate(cfg: DictConfig) -> dict:
         reference_n=reference.get("n"), use_cache=bool(reference.get("cache", True)),
         cache_dir=Path(str(cfg.paths.cache_dir)).expanduser() if cfg.paths.get("cache_dir") else None,
         save_samples=bool(cfg.get("save_samples", False)),
+        labels=labels_for_eval(cfg, model),
     )
     # Resolved before any metric runs, so a bad sampler= or use_ema= fails before the expensive passes.
     sampling = model.sampling_info(**ctx.sample_options) if model is not None else None
     if cfg.get("samples"):
         sampling = None  # the sample metrics score the files; the checkpoint only names the data (and recon)
-    ctx.metrics = {name: instantiate(metric_cfg) for name, metric_cfg in cfg.metric.items() if metric_cfg is not None}
+    ctx.metrics = add_class_metrics(
+        {name: instantiate(metric_cfg) for name, metric_cfg in cfg.metric.items() if metric_cfg is not None}, ctx)
     report = {"metrics": {}, "provenance": {}, "files": []}
     for name, metric in ctx.metrics.items():
         result = metric(ctx)
@@ -81,6 +85,18 @@ def evaluate(cfg: DictConfig) -> dict:
     path = write_json(ctx.out_dir / "metrics.json", report)
     print_table(report, path)
     return report
+
+
+def labels_for_eval(cfg: DictConfig, model):
+    """The classes the generated images are drawn as: ``labels=`` (class-balanced by default) for a conditional
+    checkpoint; samples= files carry their own labels (an .npz's ``labels`` array)."""
+    if cfg.get("samples"):
+        if cfg.get("labels") is not None:
+            raise ConfigError(f"labels={cfg.labels} chooses the classes of images generated from ckpt=; the images of "
+                              f"samples={cfg.samples} already have theirs (the 'labels' array gencli sample writes into "
+                              "samples.npz). Drop labels=.")
+        return None
+    return plan_labels(cfg.get("labels"), model) if model is not None else None
 
 
 def checkpoint_weights(info: dict) -> str:

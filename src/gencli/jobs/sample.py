@@ -37,6 +37,7 @@ from gencli.io import (
     write_json,
 )
 from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
+from gencli.labels import LabelPlan, plan_labels
 from gencli.latents import slerp
 from gencli.masks import describe as describe_mask
 from gencli.masks import make_masks
@@ -69,26 +70,33 @@ def sample(cfg: DictConfig) -> Path:
     model, checkpoint = restore_model(cfg.ckpt)
     model = model.to(pick_device(cfg.device))
     options = sample_options(cfg, model)
+    plan = plan_labels(cfg.get("labels"), model, per_row=cfg.nrow or 8)  # an unconditional model refuses labels=
+    n = cfg.n
+    if plan is not None and plan.kind == "all":  # one row per class
+        n = plan.per_row * len(plan.labels)
+        for label in plan.labels:
+            log.info("row %d: class %d (%s)", label, label, plan.name(label))
     out = Path(cfg.paths.output_dir)
     scale = auto_scale(model.image_shape[-1])
 
     if cfg.mode == "grid":
-        written = sample_images(model, cfg, seed, options, out, FORMATS[fmt], grid_n, scale)
+        written = sample_images(model, cfg, n, seed, options, plan, out, FORMATS[fmt], grid_n, scale)
     elif cfg.mode == "interpolate":
-        written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, seed, options),
+        written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, seed, options, plan),
                                   nrow=cfg.interpolation_steps, scale=scale)
     elif cfg.mode in EDITS:
         edit = edit_options(cfg, model)
         sampling = model.editing_info(cfg.mode, **options, **edit)  # bad settings fail before any work
-        written = edit_images(model, cfg, checkpoint, seed, options, edit, out, grid_n, scale)
+        written = edit_images(model, cfg, checkpoint, seed, options, edit, plan, out, grid_n, scale)
     else:
         written = save_image_grid(out / "reconstructions.png", reconstruct(model, cfg, checkpoint), nrow=16, scale=scale)
 
     if cfg.mode not in EDITS:
         sampling = model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options)
     write_json(out / "sample.json", {
-        "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": cfg.n, "seed": seed, "batch_size": cfg.batch_size,
+        "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": n, "seed": seed, "batch_size": cfg.batch_size,
         "format": fmt, "grid_n": grid_n, "seeding": SEED_RULE,
+        **({"labels": plan.describe()} if plan is not None else {}),
         **({"input": str(cfg.input)} if cfg.mode in EDITS else {}),
         **({"mask": describe_mask(str(cfg.mask), model.image_shape[1:])} if cfg.mode == "inpaint" else {}),
         "sampling": sampling,
@@ -100,22 +108,26 @@ def sample(cfg: DictConfig) -> Path:
 
 
 @torch.no_grad()
-def sample_images(model, cfg: DictConfig, seed: int, options: dict, out: Path, formats: tuple[str, ...],
-                  grid_n: int, scale: int) -> Path:
-    """Make n images batch by batch, streaming each batch to the outputs; keep only the grid's first ``grid_n``."""
+def sample_images(model, cfg: DictConfig, n: int, seed: int, options: dict, plan: LabelPlan | None, out: Path,
+                  formats: tuple[str, ...], grid_n: int, scale: int) -> Path:
+    """Make n images batch by batch, streaming each batch to the outputs; keep only the grid's first ``grid_n``.
+    A conditional model's labels go into samples.npz beside the images (key ``labels``), for ``gencli eval samples=``."""
     c, h, w = model.image_shape
-    grid_n = min(grid_n, cfg.n)
+    grid_n = min(grid_n, n)
     kept: list[torch.Tensor] = []
     written: list[Path] = []
+    labelled = {"labels": plan.labels_for(0, n).numpy()} if plan is not None else {}
     with contextlib.ExitStack() as outputs:  # on any error every writer drops its temp file/folder
         writers = []
         if "npz" in formats:
-            writers.append(outputs.enter_context(NpzImageWriter(out / "samples.npz", cfg.n, (h, w, c))))
+            writers.append(outputs.enter_context(NpzImageWriter(out / "samples.npz", n, (h, w, c))))
+            writers[-1].extra.update(labelled)
         if "png" in formats:
-            writers.append(outputs.enter_context(PngFolderWriter(out / "images", cfg.n, (h, w, c))))
+            writers.append(outputs.enter_context(PngFolderWriter(out / "images", n, (h, w, c))))
         start = 0
-        for b in track_batches(cfg.n, cfg.batch_size, "sampling"):
-            images = model.sample(b, generator=PerImageGenerator.for_range(seed, start, b), **options).cpu()
+        for b in track_batches(n, cfg.batch_size, "sampling"):
+            labels = {"labels": plan.labels_for(start, b, model.device)} if plan is not None else {}
+            images = model.sample(b, generator=PerImageGenerator.for_range(seed, start, b), **labels, **options).cpu()
             u8 = to_uint8(images)
             for writer in writers:
                 writer.write(u8)
@@ -124,22 +136,42 @@ def sample_images(model, cfg: DictConfig, seed: int, options: dict, out: Path, f
             start += b
         written = [writer.path for writer in writers]
     if grid_n > 0:
-        written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=cfg.nrow, scale=scale))
+        written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=grid_columns(cfg, plan),
+                                          scale=scale))
+    if plan is not None and "png" in formats:  # the PNG folder's labels, by file name
+        write_json(out / "labels.json", {"files": {f"{i:06d}.png": int(label) for i, label in
+                                                   enumerate(labelled["labels"].tolist())},
+                                         "class_names": list(plan.class_names)})
     return written[0]
 
 
+def grid_columns(cfg: DictConfig, plan: LabelPlan | None) -> int | None:
+    """Columns of samples.png: nrow=; for a conditional model, one column per class (balanced labels) or one row
+    per class (labels=all)."""
+    if cfg.nrow or plan is None:
+        return cfg.nrow
+    if plan.kind == "all":
+        return plan.per_row
+    return len(plan.labels) if plan.kind == "balanced" else None
+
+
 @torch.no_grad()
-def interpolate(model, cfg: DictConfig, seed: int, options: dict) -> torch.Tensor:
+def interpolate(model, cfg: DictConfig, seed: int, options: dict, plan: LabelPlan | None = None) -> torch.Tensor:
     """Row r slerps from the first to the second latent image r's generator draws: the first is the latent
-    ``gencli sample`` (same seed) decodes for its image r (for a diffusion model, x_T)."""
+    ``gencli sample`` (same seed) decodes for its image r (for a diffusion model, x_T). A conditional model holds
+    row r's class fixed (image r's label), so only the latent moves."""
     if not model.has_latent:
         raise ConfigError(f"mode=interpolate needs a family with a latent prior; {type(model).__name__} has none.")
     rows = max(1, min(cfg.n, 16))
     generator = PerImageGenerator.for_range(seed, 0, rows)
-    a, b = model.prior(rows, generator), model.prior(rows, generator)
+    held = {"labels": plan.labels_for(0, rows, model.device)} if plan is not None else {}
+    a, b = model.prior(rows, generator, **held), model.prior(rows, generator, **held)
     t = torch.linspace(0, 1, cfg.interpolation_steps, device=a.device)
     z = slerp(a, b, t).flatten(0, 1)
-    return torch.cat([model.decode(chunk, **options).cpu() for chunk in z.split(cfg.batch_size)])
+    labels = held["labels"].repeat_interleave(cfg.interpolation_steps) if held else None
+    return torch.cat([model.decode(z[i: i + cfg.batch_size], **options,
+                                   **({"labels": labels[i: i + cfg.batch_size]} if held else {})).cpu()
+                      for i in range(0, len(z), cfg.batch_size)])
 
 
 @torch.no_grad()
@@ -147,8 +179,10 @@ def reconstruct(model, cfg: DictConfig, checkpoint: dict) -> torch.Tensor:
     if not model.has_encoder:
         raise ConfigError(f"mode=reconstruct needs a family with an encoder (ae, vae); {type(model).__name__} has none.")
     data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 64), image_shape=model.image_shape)
-    x = next(iter(data.val_dataloader()))[0][: min(cfg.n, 64)].to(model.device)
-    return torch.stack([x, model.reconstruct(x)], 1).flatten(0, 1).cpu()
+    x, y = next(iter(data.val_dataloader()))
+    x = x[: min(cfg.n, 64)].to(model.device)
+    own = {"labels": y[: len(x)].to(model.device)} if getattr(model, "conditional", False) else {}
+    return torch.stack([x, model.reconstruct(x, **own)], 1).flatten(0, 1).cpu()
 
 
 def edit_options(cfg: DictConfig, model) -> dict:
@@ -159,42 +193,51 @@ def edit_options(cfg: DictConfig, model) -> dict:
     return {key: settings[key] for key in model.inpaint_options if key in settings}
 
 
-def load_inputs(cfg: DictConfig, model, checkpoint: dict) -> torch.Tensor:
-    """The first n images of ``input=``: val (the checkpoint's validation split, or data=...'s), a folder or an .npz."""
+def load_inputs(cfg: DictConfig, model, checkpoint: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first n images of ``input=`` and their labels where known: val (the checkpoint's validation split, or
+    data=...'s), a folder or an .npz (with a ``labels`` array, as gencli sample writes for conditional models)."""
     if str(cfg.input) == "val":
         data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 256), image_shape=model.image_shape)
-        batches, have = [], 0
+        batches, labels, have = [], [], 0
         for batch in data.val_dataloader():
             batches.append(batch[0][: cfg.n - have])
+            labels.append(batch[1][: cfg.n - have])
             have += len(batches[-1])
             if have >= cfg.n:
                 break
         images = torch.cat(batches)
         if len(images) < cfg.n:
             log.warning("input=val holds %d images; editing those, not n=%d", len(images), cfg.n)
-        return images
+        return images, torch.cat(labels)
     from gencli.metrics.sources import FileSource
 
     source = FileSource(str(cfg.input), model.image_shape, n=cfg.n, data_name="the model's data", key="input",
                         minimum=1)
-    return torch.cat([images for images, _ in source.stream(256)])
+    return torch.cat([images for images, _ in source.stream(256)]), source.labels_for(0, source.n)
 
 
 @torch.no_grad()
-def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: dict, edit: dict, out: Path,
-                grid_n: int, scale: int) -> Path:
-    """Inpaint or vary the inputs batch by batch; image i's noise (and random mask) depends on (seed, i) only."""
-    inputs = load_inputs(cfg, model, checkpoint)
+def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: dict, edit: dict,
+                plan: LabelPlan | None, out: Path, grid_n: int, scale: int) -> Path:
+    """Inpaint or vary the inputs batch by batch; image i's noise (and random mask) depends on (seed, i) only.
+    A conditional model edits each input toward its own class where it is known (input=val, or an .npz with
+    labels) unless labels= asks for others."""
+    inputs, known = load_inputs(cfg, model, checkpoint)
+    labels = None
+    if plan is not None:
+        use_known = known is not None and plan.kind == "balanced" and int(known.min()) >= 0
+        labels = known if use_known else plan.labels_for(0, len(inputs))
     results, masks = [], []
     for start in range(0, len(inputs), cfg.batch_size):
         x = inputs[start: start + cfg.batch_size].to(model.device)
         generator = PerImageGenerator.for_range(seed, start, len(x))
+        own = {"labels": labels[start: start + len(x)].to(model.device)} if labels is not None else {}
         if cfg.mode == "inpaint":
             mask = make_masks(str(cfg.mask), len(x), tuple(x.shape[-2:]), seed, start).to(x.device)
-            results.append(model.inpaint(x, mask, generator, **options, **edit).cpu())
+            results.append(model.inpaint(x, mask, generator, **own, **options, **edit).cpu())
             masks.append(mask.cpu())
         else:
-            results.append(model.vary(x, edit["strength"], generator, **options).cpu())
+            results.append(model.vary(x, edit["strength"], generator, **own, **options).cpu())
     result = torch.cat(results)
     name = "inpainted" if cfg.mode == "inpaint" else "variations"
     columns = [inputs, result]
@@ -204,6 +247,8 @@ def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: di
         shown = (1 - 2 * mask).expand_as(inputs)  # white where filled, as mask files are drawn
         columns = [inputs, shown, result]
         extra["masks"] = to_uint8(shown[:, :1])  # 255 where filled
+    if labels is not None:
+        extra["labels"] = labels.numpy()
     save_npz(out / f"{name}.npz", to_uint8(result), **extra)
     rows = min(grid_n, len(inputs)) or len(inputs)
     grid = torch.stack([c[:rows] for c in columns], 1).flatten(0, 1)

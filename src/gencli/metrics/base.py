@@ -43,6 +43,8 @@ class EvalContext:
     use_cache: bool = True
     #: Write the generated images (samples.npz + samples.png) besides metrics.json.
     save_samples: bool = False
+    #: A conditional model's :class:`~gencli.labels.LabelPlan` (``labels=``; class-balanced by default), else None.
+    labels: Any | None = None
     #: Every metric of this run by name (so metrics can share one pass over the images).
     metrics: dict[str, Any] = field(default_factory=dict)
     #: Results metrics share within one run (e.g. the sample pass).

@@ -88,9 +88,12 @@ class InpaintingQuality(EvalMetric):
         start = 0
         for b in track_batches(n, ctx.batch_size, "inpainting"):
             x = torch.stack([dataset[i][0] for i in range(start, start + b)]).to(ctx.device)
+            # a conditional model fills each image as its own class
+            own = {"labels": dataset.labels[start: start + b].to(ctx.device)} if getattr(model, "conditional", False) \
+                else {}
             mask = make_masks(self.mask, b, size, ctx.seed, start).to(ctx.device)
             generator = PerImageGenerator.for_range(ctx.seed, start, b)
-            y = model.inpaint(x, mask, generator, **ctx.sample_options, **options).clamp(-1, 1)
+            y = model.inpaint(x, mask, generator, **own, **ctx.sample_options, **options).clamp(-1, 1)
             for key, value in masked_scores(y, x, mask, kernel).items():
                 scores.setdefault(key, []).append(value.double().cpu())
             if lpips is not None:
@@ -157,14 +160,17 @@ class PerceptualPathLength(EvalMetric):
         start = 0
         for b in track_batches(ctx.n, ctx.batch_size, "path length"):
             generator = PerImageGenerator.for_range(ctx.seed, start, b)
-            z0, z1 = model.prior(b, generator), model.prior(b, generator)
+            # a conditional model holds each pair's class fixed: the path moves the latent only
+            held = {"labels": ctx.labels.labels_for(start, b, model.device)} if ctx.labels is not None else {}
+            z0, z1 = model.prior(b, generator, **held), model.prior(b, generator, **held)
             g = torch.Generator().manual_seed(ctx.seed * 1_000_003 + start + 1)
             t = torch.rand(b, generator=g, dtype=torch.float64)
             if self.sampling == "end":
                 t = (t > 0.5).double()
             t = t * (1 - self.epsilon)  # t + eps stays on the path
             za, zb = slerp_rows(z0, z1, t.to(z0.device)), slerp_rows(z0, z1, (t + self.epsilon).to(z0.device))
-            images = model.decode(torch.cat([za, zb]), **ctx.sample_options).float()
+            both = {"labels": held["labels"].repeat(2)} if held else {}
+            images = model.decode(torch.cat([za, zb]), **both, **ctx.sample_options).float()
             if self.crop:
                 h, w = images.shape[-2:]
                 images = images[..., h // 8: h - h // 8, w // 8: w - w // 8]

@@ -78,9 +78,11 @@ class ReconstructionMetrics(EvalMetric):
             x, y = zip(*(dataset[i] for i in range(start, start + b)))
             x = torch.stack(x).to(ctx.device)
             start += b
-            for key, value in model.score_batch(x).items():
+            # a conditional model encodes and decodes each real image with its own class
+            own = {"labels": torch.as_tensor(y).to(ctx.device)} if getattr(model, "conditional", False) else {}
+            for key, value in model.score_batch(x, **own).items():
                 scores.setdefault(key, []).append(value.double().cpu())
-            x_hat = model.reconstruct(x).clamp(-1, 1)
+            x_hat = model.reconstruct(x, **own).clamp(-1, 1)
             psnr.update((x_hat + 1) / 2, (x + 1) / 2)
             mse.update((x_hat + 1) / 2, (x + 1) / 2)
             ssim.update((x_hat + 1) / 2, (x + 1) / 2)

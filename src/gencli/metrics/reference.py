@@ -58,6 +58,8 @@ class ReferenceStats:
     path: str | None = None
     seconds: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+    #: the class labels of the n images (set by the sample pass when a metric needs them)
+    labels: torch.Tensor | None = None
 
     @property
     def mean(self) -> np.ndarray:

@@ -144,6 +144,9 @@ class ModelBlock(ImageSource):
             generator = PerImageGenerator.for_range(self.source.seed, start, min(int(batch_size), self.stop - start))
             yield quantise(self.source.generate(generator))
 
+    def labels_for(self, start: int, count: int):
+        return self.source.labels_for(self.start + start, count)
+
     def describe(self) -> dict[str, Any]:
         return {**self.source.describe(), "images_here": [self.start, self.stop]}
 
@@ -179,12 +182,19 @@ class SampleMetric(EvalMetric):
     """A metric of generated images against reference statistics, fed one batch of features at a time."""
 
     needs_logits = False
+    #: Fed each batch's class labels (conditional metrics); the reference then carries the real images' labels.
+    needs_labels = False
+
+    def unavailable(self, ctx: EvalContext) -> str | None:
+        """Why this metric cannot run in this eval (it is then left out of the shared pass), or None."""
+        return None
 
     def begin(self, ref: ReferenceStats, n_fake: int, shard: Shard | None = None) -> None:
         """Start a pass of ``n_fake`` generated images (all ranks' together when ``shard`` is given)."""
         raise NotImplementedError
 
-    def update(self, features: Tensor, logits: Tensor | None) -> None:
+    def update(self, features: Tensor, logits: Tensor | None, labels: Tensor | None = None) -> None:
+        """One batch: features (N, D), logits (N, K) or None, the images' class labels (N,) or None."""
         raise NotImplementedError
 
     def finish(self) -> dict[str, float]:
@@ -217,7 +227,7 @@ class FIDMetric(SampleMetric):
             self.notes.append(f"fewer images (real {ref.n}, generated {n_fake}) than feature dimensions ({dim}): the "
                               "covariances are rank-deficient and FID is biased upwards; use n > D")
 
-    def update(self, features: Tensor, logits: Tensor | None) -> None:
+    def update(self, features: Tensor, logits: Tensor | None, labels: Tensor | None = None) -> None:
         self.metric.update(features.double(), real=False)
 
     def finish(self) -> dict[str, float]:
@@ -257,7 +267,7 @@ class KIDMetric(SampleMetric):
         if shard is None or shard.rank == 0:  # the sync gathers every rank's bank: the real one is held once
             self.metric.real_features.append(ref.features.double())
 
-    def update(self, features: Tensor, logits: Tensor | None) -> None:
+    def update(self, features: Tensor, logits: Tensor | None, labels: Tensor | None = None) -> None:
         self.metric.update(features.double(), real=False)
 
     def finish(self) -> dict[str, float]:
@@ -293,7 +303,7 @@ class ISMetric(SampleMetric):
             warnings.simplefilter("ignore", UserWarning)
             self.metric = InceptionScore(feature=PrecomputedFeatures(1), splits=self.used_splits, **metric_kwargs(shard))
 
-    def update(self, features: Tensor, logits: Tensor | None) -> None:
+    def update(self, features: Tensor, logits: Tensor | None, labels: Tensor | None = None) -> None:
         if logits is None:
             raise ConfigError("metric=is needs a feature extractor with class logits (inception or domain).")
         self.metric.update(logits.double())
@@ -328,7 +338,7 @@ class PRDCMetric(SampleMetric):
             raise ConfigError(f"PRDC with nearest_k={self.nearest_k} needs more than {self.nearest_k} real and generated "
                               "images; raise n.")
 
-    def update(self, features: Tensor, logits: Tensor | None) -> None:
+    def update(self, features: Tensor, logits: Tensor | None, labels: Tensor | None = None) -> None:
         take = features[: max(0, self.max_samples - self.kept)]
         if len(take):
             self.fake.append(take)
@@ -371,15 +381,19 @@ def run_sample_metrics(metrics: list[SampleMetric], source: ImageSource, extract
     start = time.perf_counter()
     error = None
     try:
+        done = 0
         for _, (images, u8) in zip(track_batches(local.n, batch_size, description), local.stream(batch_size)):
             features, logits = extractor.extract(images)
+            labels = local.labels_for(done, len(images)) if any(m.needs_labels for m in metrics) else None
+            done += len(images)
             for metric in metrics:
-                metric.update(features, logits)
+                metric.update(features, logits, labels)
             if keep_images:
                 kept.append(u8)
         if shard is not None and local.n == 0:  # more ranks than images: this one joins with no features
             for metric in metrics:
-                metric.update(torch.zeros(0, int(ref.features.shape[1])), None)
+                metric.update(torch.zeros(0, int(ref.features.shape[1])), None,
+                              torch.zeros(0, dtype=torch.long) if metric.needs_labels else None)
     except Exception as err:  # noqa: BLE001 - under a shard, raised on every rank after the check below
         if shard is None:
             raise
@@ -484,14 +498,14 @@ def make_source(ctx: EvalContext, datamodule) -> ImageSource:
         return FileSource(ctx.samples, datamodule.image_shape, n=ctx.n, data_name=datamodule.name)
     if ctx.model is None:
         raise ConfigError("sample metrics need ckpt=PATH (to generate images) or samples=DIR|file.npz.")
-    return ModelSource(ctx.model, ctx.n, ctx.seed, ctx.sample_options, ckpt=ctx.ckpt)
+    return ModelSource(ctx.model, ctx.n, ctx.seed, ctx.sample_options, ckpt=ctx.ckpt, labels=ctx.labels)
 
 
 def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricResult]:
     """Run the one pass for every sample metric of this eval run (once), return each one's result."""
     if "sample_pass" in ctx.shared:
         return ctx.shared["sample_pass"]
-    metrics = [m for m in (ctx.metrics or {}).values() if isinstance(m, SampleMetric)]
+    metrics = [m for m in (ctx.metrics or {}).values() if isinstance(m, SampleMetric) and m.unavailable(ctx) is None]
     if requester not in metrics:
         metrics.append(requester)
     names = ", ".join(m.name for m in metrics)
@@ -503,6 +517,8 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
     extractor.prepare(datamodule, ctx.device)
     ref = load_or_compute(datamodule, ctx.split, extractor, ctx.reference_n, ctx.cache_dir,
                           batch_size=ctx.batch_size, use_cache=ctx.use_cache)
+    if any(m.needs_labels for m in metrics):  # the reference holds the split's first ref.n images: their labels
+        ref.labels = datamodule.split(ctx.split).labels[: ref.n]
     out = run_sample_metrics(metrics, source, extractor, ref, ctx.batch_size, ctx.seed, keep_images=ctx.save_samples)
     files = []
     if ctx.save_samples and out["images"] is not None:

@@ -51,12 +51,23 @@ class ImageSource:
     def describe(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def labels_for(self, start: int, count: int) -> Tensor | None:
+        """The class labels of images ``start .. start + count - 1`` (conditional samples), or None."""
+        return None
+
 
 class ModelSource(ImageSource):
-    def __init__(self, model, n: int, seed: int, options: dict | None = None, ckpt: str | None = None):
+    def __init__(self, model, n: int, seed: int, options: dict | None = None, ckpt: str | None = None,
+                 labels=None):
         if n < 2:
             raise ConfigError(f"n={n}: sample-based metrics need at least 2 generated images (e.g. n=1000).")
         self.model, self.n, self.seed, self.options, self.ckpt = model, int(n), int(seed), dict(options or {}), ckpt
+        if labels is None and getattr(model, "conditional", False):
+            from gencli.labels import plan_labels
+
+            labels = plan_labels(None, model)  # class-balanced: image i is class i % K
+        #: a conditional model's LabelPlan: image i is drawn as class labels.label_of(i)
+        self.labels = labels
         #: wall time spent in model.sample alone (the sampling cost, apart from feature extraction)
         self.sampling_seconds = 0.0
         self.images_sampled = 0
@@ -73,7 +84,11 @@ class ModelSource(ImageSource):
     def generate(self, generator) -> Tensor:
         """model.sample for the generator's images, timed (synchronised on a GPU, so the time is the work's)."""
         start = time.perf_counter()
-        images = self.model.sample(len(generator), generator=generator, **self.options)
+        labels = {}
+        if self.labels is not None:
+            labels["labels"] = torch.tensor([self.labels.label_of(i) for i in generator.indices], dtype=torch.long,
+                                            device=self.model.device)
+        images = self.model.sample(len(generator), generator=generator, **labels, **self.options)
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
         self.sampling_seconds += time.perf_counter() - start
@@ -85,11 +100,15 @@ class ModelSource(ImageSource):
         return {"images": self.images_sampled, "seconds": round(self.sampling_seconds, 3),
                 "seconds_per_image": self.sampling_seconds / max(self.images_sampled, 1)}
 
+    def labels_for(self, start: int, count: int) -> Tensor | None:
+        return self.labels.labels_for(start, count) if self.labels is not None else None
+
     def describe(self) -> dict[str, Any]:
         from gencli.seeds import SEED_RULE
 
         return {"source": "ckpt", "ckpt": self.ckpt, "n_generated": self.n, "seed": self.seed, "seeding": SEED_RULE,
                 "sampling": self.model.sampling_info(**self.options),
+                **({"labels": self.labels.describe()} if self.labels is not None else {}),
                 "quantisation": "samples rounded to uint8 levels, as when saved"}
 
 
@@ -111,13 +130,13 @@ class FileSource(ImageSource):
             self.files = list_images(self.path)
             if not self.files:
                 raise ConfigError(f"{key}={path} is a folder without images (PNG, JPEG, ... searched recursively).")
-            self.array = None
+            self.array, self.labels = None, None
             available = len(self.files)
             first = self.decode(self.files[0])
             self.check_shape(first[None])
         else:
             self.files = None
-            self.array = self.load_array()
+            self.array, self.labels = self.load_array()
             available = len(self.array)
             self.check_shape(self.array[:1])
         self.available = available
@@ -127,8 +146,11 @@ class FileSource(ImageSource):
         if self.n < available:
             log.warning("samples=%s holds %d images; using the first n=%d (n=0 uses all)", path, available, self.n)
 
-    def load_array(self) -> np.ndarray:
+    def load_array(self) -> tuple[np.ndarray, np.ndarray | None]:
+        """The images, and the class labels an .npz holds beside them (key ``labels``, as gencli sample writes for a
+        conditional model), or None."""
         suffix = self.path.suffix.lower()
+        labels = None
         try:
             if suffix == ".npy":
                 array = np.load(self.path, mmap_mode="r")
@@ -138,6 +160,8 @@ class FileSource(ImageSource):
                         raise ConfigError(f"{self.key}={self.path} has no array named 'images' (it has {', '.join(archive.files)}); "
                                           "gencli reads uint8 images (N, H, W[, C]) under the key 'images'.")
                     array = archive["images"]
+                    if "labels" in archive.files:
+                        labels = archive["labels"]
             else:
                 raise ConfigError(f"{self.key}={self.path} is neither an .npz, an .npy nor a folder of images.")
         except (OSError, ValueError) as err:
@@ -150,7 +174,15 @@ class FileSource(ImageSource):
         if array.ndim != 4 or array.shape[-1] not in (1, 3):
             raise ConfigError(f"{self.key}={self.path} holds an array of shape {array.shape}; expected N x H x W x C "
                               "(channels last, C = 1 or 3) or N x H x W.")
-        return array
+        if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(array)):
+            raise ConfigError(f"{self.key}={self.path} holds 'labels' of shape {labels.shape} and type {labels.dtype} "
+                              f"beside {len(array)} images; expected one integer class per image (or no 'labels').")
+        return array, labels
+
+    def labels_for(self, start: int, count: int) -> Tensor | None:
+        if self.labels is None:
+            return None
+        return torch.from_numpy(np.asarray(self.labels[start: start + count], dtype=np.int64))
 
     def decode(self, path: Path) -> np.ndarray:
         """One file as uint8 HxWxC with the channels it holds (check_shape decides what fits)."""
