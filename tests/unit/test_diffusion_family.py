@@ -167,7 +167,7 @@ def test_sampling_options_and_provenance():
     assert info["sampler"] == {"name": "ddim", "steps": 7, "spacing": "trailing", "clip_denoised": True, "eta": 0.3}
     assert info["weights"] == "ema" and info["ema_decay"] == 0.9 and info["schedule"]["timesteps"] == 100
     assert model.sampling_info(use_ema=False)["weights"] == "raw"
-    assert set(model.supported_sample_options) == {"use_ema", "sampler"} and model.has_latent
+    assert set(model.supported_sample_options) == {"use_ema", "sampler", "guidance"} and model.has_latent
     with pytest.raises(ConfigError, match="truncation"):
         model.sample(2, g(), truncation=0.5)
     with pytest.raises(ConfigError, match="no EMA"):
