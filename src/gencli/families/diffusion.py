@@ -212,8 +212,8 @@ class Diffusion(GenerativeModel):
         return sampler
 
     # ----------------------------------------------------------------- the sampling interface
-    def prior(self, n: int, generator: SampleGenerator = None) -> Tensor:
-        """x_T ~ N(0, I)."""
+    def prior(self, n: int, generator: SampleGenerator = None, labels: Tensor | None = None) -> Tensor:
+        """x_T ~ N(0, I), for every class alike (the class steers the denoiser)."""
         return self.randn((n, *self.x_shape), generator)
 
     @torch.no_grad()
