@@ -51,7 +51,8 @@ def main() -> None:
         import torch
 
         family = torch.load(path, weights_only=True, map_location="cpu")["gencli"]["family"]
-        weights = [None] + ([float(w) for w in args.guidance.split(",")] if "Diffusion" in family else [])
+        # diffusion: the sweep (the checkpoint's default guidance is one of its rows); other families: their default
+        weights = [float(w) for w in args.guidance.split(",")] if "Diffusion" in family else [None]
         gencli("sample", f"ckpt={path}", "labels=all", "nrow=10", f"hydra.run.dir={args.out / name / 'grid'}",
                cwd=args.out)
         for w in weights:

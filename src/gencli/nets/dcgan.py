@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as apply_spectral_norm
 
 from gencli.errors import ConfigError
+from gencli.nets.conditioning import check_num_classes
 from gencli.nets.conv import check_image_size
 
 NORMS = ("batch", "layer", "none")
@@ -62,15 +63,6 @@ class ConditionalNorm(nn.Module):
 
     def forward(self, h: Tensor, y: Tensor) -> Tensor:
         return self.norm(h) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
-
-
-def check_classes(num_classes: int | None) -> int:
-    if num_classes is None:
-        return 0
-    if int(num_classes) < 2:
-        raise ConfigError(f"num_classes={num_classes}: a class-conditional net needs at least 2 classes (null: "
-                          "unconditional).")
-    return int(num_classes)
 
 
 def dcgan_channels(n_stages: int, base_channels: int, max_channels: int) -> list[int]:
@@ -117,7 +109,7 @@ class DCGANGenerator(nn.Module):
         channels = dcgan_channels(n_stages, base_channels, max_channels)
         self.latent_dim = int(latent_dim)
         #: class-conditional: every norm becomes a ConditionalNorm (per-class scale and shift)
-        self.num_classes = check_classes(num_classes)
+        self.num_classes = check_num_classes(num_classes)
 
         def norm_of(ch: int) -> nn.Module:
             return ConditionalNorm(norm, ch, self.num_classes) if self.num_classes else gan_norm(norm, ch)
@@ -184,7 +176,7 @@ class DCGANDiscriminator(nn.Module):
         self.net = nn.Sequential(*layers)
         #: class-conditional: the projection discriminator (Miyato & Koyama 2018), score + <embed(y), phi(x)> with
         #: phi(x) the last feature map summed over positions
-        self.num_classes = check_classes(num_classes)
+        self.num_classes = check_num_classes(num_classes)
         self.embed = nn.Embedding(self.num_classes, prev) if self.num_classes else None
         init_weights(self, init_std)
         if self.spectral_norm:

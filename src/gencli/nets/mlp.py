@@ -10,7 +10,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
-from gencli.nets.unet import check_num_classes, class_embedding, timestep_embedding
+from gencli.nets.conditioning import check_num_classes, class_embedding
+from gencli.nets.unet import timestep_embedding
 
 
 class MLPBlock(nn.Module):

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gencli.errors import ConfigError
+from gencli.nets.conditioning import check_num_classes, class_embedding
 
 log = logging.getLogger(__name__)
 
@@ -39,28 +40,6 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
     args = t.float()[:, None] * freqs[None]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     return F.pad(emb, (0, 1)) if dim % 2 else emb
-
-
-def check_num_classes(num_classes: int | None) -> int:
-    """0 for an unconditional net, else the number of classes (>= 2)."""
-    if num_classes is None:
-        return 0
-    if int(num_classes) < 2:
-        raise ConfigError(f"model.net.num_classes={num_classes}: a class-conditional net needs at least 2 classes "
-                          "(null: unconditional).")
-    return int(num_classes)
-
-
-def class_embedding(embed: nn.Embedding | None, y: Tensor | None, n: int, device) -> Tensor | float:
-    """The class embedding to add to the time embedding: 0 for an unconditional net, the "no class" token's
-    (index num_classes) where ``y`` is None."""
-    if embed is None:
-        if y is not None:
-            raise ValueError("class labels were given to an unconditional net (built with num_classes=null)")
-        return 0.0
-    if y is None:
-        y = torch.full((n,), embed.num_embeddings - 1, dtype=torch.long, device=device)
-    return embed(y)
 
 
 def group_norm(channels: int, groups: int) -> nn.GroupNorm:
