@@ -162,3 +162,16 @@ def test_latent_diffusion_end_to_end(tmp_path):
     assert result.returncode == 0, describe(result)
     report = json.loads((out / "metrics.json").read_text())
     assert report["metrics"]["ppl_domain"] > 0 and report["provenance"]["ppl"]["decoder"]["sampler"]["name"] == "ddim"
+    # class-conditional latent diffusion on the same (unconditional) first stage, sampled with guidance
+    cond_dir = tmp_path / "cldm"
+    result = gencli("train", "model=ldm", f"model.first_stage_ckpt={tmp_path / 'moved.ckpt'}", "data.image_size=8",
+                    "model.net.hidden=64", "model.net.depth=2", "model.sampler.steps=4", "model.conditional=true",
+                    "trainer.max_steps=20", "callbacks=minimal", f"hydra.run.dir={cond_dir}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    out = tmp_path / "cldm_samples"
+    result = gencli("sample", f"ckpt={cond_dir / 'checkpoints' / 'last.ckpt'}", "labels=[1,2]", "n=4", "guidance=3",
+                    f"hydra.run.dir={out}", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
+    assert np.load(out / "samples.npz")["labels"].tolist() == [1, 2, 1, 2]
+    info = json.loads((out / "sample.json").read_text())["sampling"]
+    assert info["family"] == "LatentDiffusion" and info["guidance"] == 3.0 and info["nfe"] == 8
