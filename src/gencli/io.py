@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -50,11 +51,36 @@ def _read_umask() -> int:
 _UMASK = _read_umask()
 
 
+#: Why a value in a gencli JSON file is null where a number was expected (written beside the list of such keys).
+NON_FINITE_NOTE = ("strict JSON cannot hold infinite or not-a-number values: these are written as null (e.g. a GAN's "
+                   "train/diversity_gap is +inf during the monitor's warm-up)")
+
+
 def write_json(path: str | os.PathLike, data: Any) -> Path:
+    """Strict JSON (any parser reads it): non-finite numbers become null, and a top-level mapping gets
+    ``non_finite`` ({dotted key: "inf" | "-inf" | "nan"}) with :data:`NON_FINITE_NOTE`, so nothing is lost silently."""
+    found: dict[str, str] = {}
+    clean = _finite(data, "", found)
+    if found and isinstance(clean, dict):
+        clean = {**clean, "non_finite": {"values": found, "note": NON_FINITE_NOTE}}
     with atomic_write(path, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=False, default=_json_default)
+        json.dump(clean, f, indent=2, sort_keys=False, default=_json_default, allow_nan=False)
         f.write("\n")
     return Path(path)
+
+
+def _finite(value: Any, where: str, found: dict[str, str]) -> Any:
+    """``value`` with every non-finite float (also in tensors and numpy scalars) replaced by None, noted in found."""
+    if isinstance(value, Tensor | np.generic):
+        value = _json_default(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        found[where or "(value)"] = "nan" if value != value else ("inf" if value > 0 else "-inf")
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), found) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v, f"{where}[{i}]", found) for i, v in enumerate(value)]
+    return value
 
 
 def _json_default(value: Any) -> Any:

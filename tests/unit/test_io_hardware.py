@@ -135,3 +135,19 @@ def test_optimizer_kernels_train_the_same(compose_cfg, kernel):
         # the curves fall together: same start, and within a few percent all along (noise, not another optimiser)
         assert curve[0] == pytest.approx(float(reference[0]), rel=1e-5)
         assert torch.allclose(curve, reference, rtol=0.05, atol=0.05), (model_name, curve, reference)
+
+
+def test_write_json_is_strict_and_notes_non_finite_values(tmp_path):
+    import json
+
+    from gencli.io import NON_FINITE_NOTE, write_json
+
+    path = write_json(tmp_path / "m.json", {"metrics": {"gap": float("inf"), "ok": 2.0, "t": torch.tensor(float("nan")),
+                                                        "list": [np.float32("-inf"), 1]}})
+    text = path.read_text()
+    assert "Infinity" not in text and "NaN" not in text
+    data = json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+    assert data["metrics"] == {"gap": None, "ok": 2.0, "t": None, "list": [None, 1]}
+    assert data["non_finite"] == {"values": {"metrics.gap": "inf", "metrics.t": "nan", "metrics.list[0]": "-inf"},
+                                  "note": NON_FINITE_NOTE}
+    assert "non_finite" not in json.loads(write_json(tmp_path / "f.json", {"a": 1.5}).read_text())
