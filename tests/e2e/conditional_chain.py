@@ -97,6 +97,7 @@ def test_eval_adds_class_accuracy_and_intra_fid(trained):
     extra = ["guidance=2"] if family == "ddpm" else []
     out, result = run(root, "eval", "eval", f"ckpt={ckpt}", *EVAL, *extra)
     assert result.returncode == 0, describe(result)
+    assert (out / "eval.log").is_file()  # <verb>.log, as train.log and sample.log
     report = json.loads((out / "metrics.json").read_text())
     metrics = report["metrics"]
     assert 0 <= metrics["class_accuracy_domain"] <= 1
