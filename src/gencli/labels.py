@@ -45,8 +45,11 @@ class LabelPlan:
 
     def labels_for(self, start: int, count: int, device: torch.device | str | None = None) -> Tensor:
         """The labels of images ``start .. start + count - 1`` as an int64 tensor."""
-        return torch.tensor([self.label_of(i) for i in range(int(start), int(start) + int(count))], dtype=torch.long,
-                            device=device)
+        return self.labels_of(range(int(start), int(start) + int(count)), device)
+
+    def labels_of(self, indices: Sequence[int], device: torch.device | str | None = None) -> Tensor:
+        """The labels of the images ``indices`` (a PerImageGenerator's) as an int64 tensor."""
+        return torch.tensor([self.label_of(int(i)) for i in indices], dtype=torch.long, device=device)
 
     def name(self, label: int) -> str:
         return self.class_names[label] if label < len(self.class_names) else str(label)

@@ -79,7 +79,9 @@ class ClassMetric(SampleMetric):
 def unlabelled(ctx: EvalContext) -> str | None:
     """Why this eval run has no class labels to judge, or None when it has them."""
     if ctx.samples:
-        return None if ctx.labels is not None or samples_have_labels(ctx.samples) else (
+        if "samples_have_labels" not in ctx.shared:  # asked by every class metric and the pass: open the file once
+            ctx.shared["samples_have_labels"] = samples_have_labels(ctx.samples)
+        return None if ctx.labels is not None or ctx.shared["samples_have_labels"] else (
             f"samples={ctx.samples} holds no 'labels' array")
     if ctx.model is None or not getattr(ctx.model, "conditional", False):
         return f"ckpt={ctx.ckpt} holds an unconditional model"

@@ -86,8 +86,7 @@ class ModelSource(ImageSource):
         start = time.perf_counter()
         labels = {}
         if self.labels is not None:
-            labels["labels"] = torch.tensor([self.labels.label_of(i) for i in generator.indices], dtype=torch.long,
-                                            device=self.model.device)
+            labels["labels"] = self.labels.labels_of(generator.indices, self.model.device)
         images = self.model.sample(len(generator), generator=generator, **labels, **self.options)
         if images.is_cuda:
             torch.cuda.synchronize(images.device)
