@@ -108,25 +108,20 @@ def from_uint8(images: np.ndarray | Tensor) -> Tensor:
     return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: float = 1.0) -> Tensor:
-    """Tile NCHW images in [-1, 1] into one CHW image (white separators by default)."""
-    import math
+def image_grid(images: Tensor, nrow: int | None = None, padding: int = 2) -> Tensor:
+    """Tile NCHW images in [-1, 1] into one CHW image in [-1, 1] with white separators: torchvision's make_grid,
+    ``nrow`` images per row (default: a square), and 1-channel images kept 1-channel (torchvision makes them RGB)."""
+    from torchvision.utils import make_grid
 
-    n, c, h, w = images.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
-    ncol = math.ceil(n / nrow)
-    grid = torch.full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
-    for i, img in enumerate(images.detach().float().cpu()):
-        r, col = divmod(i, nrow)
-        top, left = padding + r * (h + padding), padding + col * (w + padding)
-        grid[:, top : top + h, left : left + w] = img
-    return grid
+    images = images.detach().float().cpu()
+    nrow = nrow or max(1, math.ceil(math.sqrt(len(images))))
+    grid = make_grid(images, nrow=nrow, padding=padding, pad_value=1.0)
+    return grid[:1] if images.shape[1] == 1 else grid
 
 
 def save_image_grid(path: str | os.PathLike, images: Tensor, nrow: int | None = None, scale: int = 1) -> Path:
     """Write a PNG grid of ``images`` ([-1, 1], NCHW); ``scale`` enlarges small images for viewing."""
-    grid = make_grid(images, nrow=nrow)
-    array = to_uint8(grid.unsqueeze(0))[0]
+    array = to_uint8(image_grid(images, nrow=nrow).unsqueeze(0))[0]
     pil = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
     if scale > 1:
         pil = pil.resize((pil.width * scale, pil.height * scale), Image.NEAREST)

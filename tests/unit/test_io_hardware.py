@@ -10,7 +10,7 @@ import torch
 
 from gencli.errors import ConfigError
 from gencli.hardware import HardwareSettings
-from gencli.io import atomic_write, from_uint8, make_grid, save_image_grid, save_npz, to_uint8
+from gencli.io import atomic_write, from_uint8, image_grid, save_image_grid, save_npz, to_uint8
 from gencli.latents import slerp
 from gencli.nets.conv import ConvEncoder
 
@@ -41,8 +41,12 @@ def test_uint8_round_trip_and_npz(tmp_path):
 
 
 def test_grid_layout_and_png(tmp_path):
-    grid = make_grid(torch.zeros(5, 3, 4, 4), nrow=3, padding=1)
+    images = torch.rand(5, 3, 4, 4) * 2 - 1
+    grid = image_grid(images, nrow=3, padding=1)
     assert grid.shape == (3, 2 * 5 + 1, 3 * 5 + 1)
+    assert torch.equal(grid[:, 1:5, 6:10], images[1]) and torch.equal(grid[:, 6:10, 1:5], images[3])
+    assert (grid[:, 0] == 1).all() and (grid[:, 6:10, 11:15] == 1).all()  # white separators and empty cells
+    assert image_grid(torch.zeros(4, 1, 8, 8)).shape == (1, 2 * 10 + 2, 2 * 10 + 2)  # grey stays 1-channel
     path = save_image_grid(tmp_path / "g.png", torch.zeros(4, 1, 8, 8), scale=2)
     from PIL import Image
 

@@ -36,6 +36,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from gencli.nets.modes import eval_mode
 from gencli.seeds import PerImageGenerator
 
 log = logging.getLogger(__name__)
@@ -113,12 +114,8 @@ class GANMonitor(L.Callback):
             if len(real) < 2:
                 return None
             self.real_distance = mean_pairwise_distance(real[: self.n])
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             samples = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
-        finally:
-            pl_module.train(was_training)
         return mean_pairwise_distance(samples) / max(self.real_distance, 1e-12)
 
     def check_collapse(self, step: int, ratio: float) -> None:

@@ -17,7 +17,8 @@ import lightning as L
 import torch
 
 from gencli.families.base import GenerativeModel
-from gencli.io import auto_scale, make_grid, save_image_grid
+from gencli.io import auto_scale, image_grid, save_image_grid
+from gencli.nets.modes import eval_mode
 from gencli.seeds import PerImageGenerator
 
 
@@ -35,9 +36,7 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
         if not trainer.is_global_zero or not isinstance(pl_module, GenerativeModel):
             return
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             images = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
             scale = auto_scale(images.shape[-1])
             # a conditional model draws image i as class i % K (class-balanced): one column per class
@@ -45,7 +44,7 @@ class SampleGrid(L.Callback):
             self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, nrow=columns, scale=scale)
             for logger in trainer.loggers:  # TensorBoard shows the same grid beside the curves
                 if hasattr(getattr(logger, "experiment", None), "add_image"):
-                    grid = (make_grid(images.cpu()) + 1) / 2
+                    grid = (image_grid(images) + 1) / 2
                     logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
             if self.reconstructions and pl_module.has_encoder and trainer.datamodule is not None:
                 x, y = next(iter(trainer.datamodule.val_dataloader()))
@@ -53,8 +52,6 @@ class SampleGrid(L.Callback):
                 own = {"labels": y[: len(x)].to(pl_module.device)} if getattr(pl_module, "conditional", False) else {}
                 pairs = torch.stack([x, pl_module.reconstruct(x, **own)], 1).flatten(0, 1)
                 save_image_grid(self.dirpath / f"{name}_reconstructions.png", pairs, nrow=16, scale=scale)
-        finally:
-            pl_module.train(was_training)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Bucket by step count rather than testing step % N == 0: with manual optimisation (GANs)

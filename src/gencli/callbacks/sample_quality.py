@@ -47,6 +47,7 @@ from gencli.metrics.sample_metrics import (
     run_sample_metrics,
 )
 from gencli.metrics.sources import ModelSource
+from gencli.nets.modes import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -126,17 +127,13 @@ class SampleQuality(L.Callback):
         if datamodule is None:
             raise RuntimeError("SampleQuality needs the trainer's data module (trainer.fit(model, datamodule=...)).")
         shard = Shard.of_process_group(pl_module.device) if trainer.world_size > 1 else None
-        was_training = pl_module.training
-        pl_module.eval()
-        try:
+        with eval_mode(pl_module):
             ref = prepare_features_and_reference(self.features, datamodule, pl_module.device, self.reference_split,
                                                  self.reference_n, self.cache_dir, self.batch_size, self.cache, shard)
             fid, kid = FIDMetric(), KIDMetric(subsets=self.kid_subsets, subset_size=self.kid_subset_size)
             source = ModelSource(pl_module, self.n, self.seed)
             out = run_sample_metrics([fid, kid], source, self.features, ref, self.batch_size, self.seed,
                                      description=f"sample quality (epoch {trainer.current_epoch})", shard=shard)
-        finally:
-            pl_module.train(was_training)
         suffix = metric_suffix(self.features)
         values = {"fid": out["values"][id(fid)][f"fid{suffix}"], "kid": out["values"][id(kid)][f"kid{suffix}"]}
         where = "" if shard is None else f", {out['n_here']} of them on rank {shard.rank} of {shard.world_size}"

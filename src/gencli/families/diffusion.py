@@ -20,11 +20,10 @@ deterministic sampler (DDIM, eta = 0), so slerping x_T interpolates images.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import json
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -36,21 +35,11 @@ from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.nets.modes import eval_mode
 from gencli.seeds import SampleGenerator
 
 #: Validation losses are also reported per quarter of the timestep range (t in [0, T/4), ...).
 T_BUCKETS = 4
-
-
-@contextlib.contextmanager
-def eval_mode(net: nn.Module) -> Iterator[nn.Module]:
-    """Run ``net`` without dropout, whatever mode Lightning left it in."""
-    was_training = net.training
-    net.eval()
-    try:
-        yield net
-    finally:
-        net.train(was_training)
 
 
 class Diffusion(GenerativeModel):

@@ -41,6 +41,7 @@ from torch import Tensor, nn
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel, build_optimizer
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.nets.modes import eval_mode
 from gencli.seeds import SampleGenerator
 
 LOSSES = ("bce", "wgan_gp", "hinge")
@@ -179,11 +180,9 @@ class GAN(GenerativeModel):
         self._check_output_shape()
 
     def _check_output_shape(self) -> None:
-        was_training = self.generator.training
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(self.generator) as generator:
             labels = torch.zeros(1, dtype=torch.long) if self.conditional else None
-            out = self.generator.eval()(torch.zeros(1, self.latent_dim), *([labels] if self.conditional else []))
-        self.generator.train(was_training)
+            out = generator(torch.zeros(1, self.latent_dim), *([labels] if self.conditional else []))
         if tuple(out.shape[1:]) != self.image_shape:
             raise ConfigError(
                 f"the generator makes images of shape {tuple(out.shape[1:])} but the data has {self.image_shape}; "
