@@ -68,6 +68,13 @@ def checkpoint_path(path: str | os.PathLike, key: str = "ckpt") -> Path:
 def load_checkpoint(path: str | os.PathLike, key: str = "ckpt") -> dict[str, Any]:
     """Load a gencli checkpoint with ``weights_only=True`` (no arbitrary pickles) and check what it holds."""
     path = checkpoint_path(path, key)
+    from gencli.exports import is_export, read_export
+
+    if is_export(path):  # a .safetensors + .json pair from 'gencli export': the same checks below
+        checkpoint = read_export(path, key)
+        check_format(checkpoint["gencli"].get("format", 1), f"{key}={path}", checkpoint["gencli"].get("version"))
+        check_config(checkpoint["gencli"]["config"], f"{key}={path}")
+        return checkpoint
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle, zip, EOF, IndexError on text...: all mean "not a checkpoint"
@@ -136,13 +143,26 @@ def restore_model(path: str | os.PathLike, key: str = "ckpt"):
         if shaped is None:
             raise
         raise type(shaped)(f"{key}={path}: its stored config does not build a model with this gencli: {shaped.message}") from err
-    missing, unexpected = model.load_state_dict(checkpoint["state_dict"], strict=False)
+    from gencli.exports import expand_state, finish_restore
+
+    exported = "export" in checkpoint  # weights from 'gencli export': one set where the model may keep two (EMA)
+    try:
+        missing, unexpected = model.load_state_dict(expand_state(checkpoint) if exported else checkpoint["state_dict"],
+                                                    strict=False)
+    except RuntimeError as err:  # a tensor of another shape than the config's model has
+        raise ConfigError(
+            f"{key}={path} does not fit the model its own config builds: "
+            f"{' '.join(str(err).split())[:300]}. The weights were edited or come from another model; use the "
+            "file as 'gencli train' (or 'gencli export') wrote it."
+        ) from err
     if missing or unexpected:
         raise ConfigError(
             f"{key}={path} does not match the model its own config builds (missing {list(missing)[:5]}, "
             f"unexpected {list(unexpected)[:5]}): it was probably written by an incompatible gencli version "
             f"({checkpoint['gencli'].get('version')})."
         )
+    if exported:
+        finish_restore(model, checkpoint)
     model.run_config = checkpoint["gencli"]["config"]
     return model.eval(), checkpoint
 

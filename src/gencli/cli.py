@@ -11,9 +11,10 @@ VERBS = {
     "train": ("gencli.jobs.train", "train", "train a model: gencli train model=vae data=digits trainer=cpu"),
     "sample": ("gencli.jobs.sample", "sample", "images from a checkpoint: gencli sample ckpt=PATH n=64 [mode=interpolate]"),
     "eval": ("gencli.jobs.evaluate", "eval", "metrics for a checkpoint: gencli eval ckpt=PATH [metric=recon]"),
+    "export": ("gencli.jobs.export", "export", "weights out: gencli export ckpt=PATH format=safetensors|diffusers"),
 }
 
-USAGE = "usage: gencli {train,sample,eval} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(
+USAGE = "usage: gencli {" + ",".join(VERBS) + "} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(
     f"  {verb:<7} {text}" for verb, (_, _, text) in VERBS.items()
 ) + "\n\n'gencli VERB --help' lists that verb's config groups and options."
 

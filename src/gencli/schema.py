@@ -205,7 +205,18 @@ class EvalJob:
     guidance: Annotated[float, NON_NEGATIVE] | None
 
 
-JOBS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "eval": EvalJob}
+@dataclass
+class ExportJob:
+    task_name: str
+    run_name: str | None
+    ckpt: str | None
+    format: Literal["safetensors", "diffusers"]
+    out: str | None
+    use_ema: bool | None
+    overwrite: bool
+
+
+JOBS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "eval": EvalJob, "export": ExportJob}
 #: Top-level keys that are config groups (checked as nodes, not as job options).
 GROUP_KEYS = {"model", "data", "trainer", "hardware", "logger", "callbacks", "paths", "sampler", "metric", "features",
               "experiment", "hparams_search", "hydra"}

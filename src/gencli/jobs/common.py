@@ -242,5 +242,9 @@ def sample_options(cfg: DictConfig, model) -> dict[str, Any]:
                 f"apply to a {type(model).__name__}: it supports {', '.join(model.supported_sample_options) or 'no options'}. "
                 f"Drop {key}= from the command."
             )
+        if key == "use_ema":  # an export (gencli export) holds one set of weights: use_ema= may not ask for the other
+            from gencli.exports import check_use_ema
+
+            check_use_ema(model, value)
         options[key] = instantiate(value) if isinstance(value, DictConfig) else value
     return options
