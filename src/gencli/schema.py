@@ -192,6 +192,7 @@ class EvalJob:
     run_name: str | None
     ckpt: str | None
     samples: str | None
+    ref: str | None
     split: Literal["train", "val"]
     n: int
     batch_size: Annotated[int, POSITIVE]

@@ -26,7 +26,8 @@ FAMILIES = {
              "model.net.attn_resolutions=[4]", "data.image_size=8", "model.sampler.steps=4", "model.ema_decay=0.99",
              "model.scheduler.warmup_steps=10", "model.optimizer.lr=0.002", "model.guidance=2"],
 }
-EVAL = ["metric=fid", "n=60", "batch_size=30", "features.epochs=1"]
+# a 1-epoch classifier (fast) is a weak one: accept it (the accuracy floor is tested in tests/unit/test_eval_two_sets.py)
+EVAL = ["metric=fid", "n=60", "batch_size=30", "features.epochs=1", "features.min_accuracy=0"]
 
 
 def run(root, verb, name, *args):

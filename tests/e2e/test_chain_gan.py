@@ -64,7 +64,7 @@ def test_sample_grid_seeded_and_raw_generator(trained):
     assert images.shape == (12, 16, 16, 1) and images.dtype == np.uint8 and images.std() > 0
     assert (out / "samples.png").is_file()
     info = json.loads((out / "sample.json").read_text())["sampling"]
-    assert info["generator"] == "ema" and info["truncation"] is None
+    assert info["weights"] == "ema" and info["truncation"] is None
 
     again, result = sample(root, "grid_again", f"ckpt={last}", "n=12", "batch_size=4")
     assert result.returncode == 0, describe(result)
@@ -73,7 +73,7 @@ def test_sample_grid_seeded_and_raw_generator(trained):
     raw, result = sample(root, "raw", f"ckpt={last}", "n=12", "use_ema=false")
     assert result.returncode == 0, describe(result)
     assert not np.array_equal(images, np.load(raw / "samples.npz")["images"])
-    assert json.loads((raw / "sample.json").read_text())["sampling"]["generator"] == "raw"
+    assert json.loads((raw / "sample.json").read_text())["sampling"]["weights"] == "raw"
 
 
 def test_truncation_and_interpolation(trained):

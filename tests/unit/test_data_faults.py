@@ -406,7 +406,8 @@ def test_a_damaged_reference_entry_is_a_warned_miss_then_a_hit(tmp_path, caplog,
 @pytest.fixture
 def tiny_domain():
     def prepare(cache: Path) -> DomainFeatures:
-        features = DomainFeatures(cache_dir=str(cache), epochs=1, feature_dim=8, width=8, batch_size=64)
+        features = DomainFeatures(cache_dir=str(cache), epochs=1, feature_dim=8, width=8, batch_size=64,
+                                  min_accuracy=0.0)
         features.prepare(DigitsDataModule(seed=0, image_size=8, max_images=200), CPU)
         return features
 

@@ -147,8 +147,8 @@ def test_sampling_is_seeded_and_options_apply():
     torch.testing.assert_close(model.decode(z, use_ema=False), model.generator(z))
     torch.testing.assert_close(model.decode(z), model.generator_ema(z))
     info = model.sampling_info(truncation=0.7)
-    assert info["generator"] == "ema" and info["truncation"] == 0.7 and "psi" in info["truncation_method"]
-    assert model.sampling_info(use_ema=False)["generator"] == "raw"
+    assert info["weights"] == "ema" and info["truncation"] == 0.7 and "psi" in info["truncation_method"]
+    assert model.sampling_info(use_ema=False)["weights"] == "raw"
     assert set(model.supported_sample_options) == {"use_ema", "truncation"} and model.has_latent
 
 
@@ -161,7 +161,7 @@ def test_bad_truncation_is_a_config_error(psi):
 def test_use_ema_without_an_ema_generator():
     model = tiny_gan(ema_decay=None).eval()
     assert model.generator_ema is None
-    assert model.sampling_info()["generator"] == "raw"
+    assert model.sampling_info()["weights"] == "raw"
     assert model.sample(2).shape == (2, 1, 8, 8)
     with pytest.raises(ConfigError, match="use_ema=true"):
         model.sample(2, use_ema=True)

@@ -239,4 +239,4 @@ class Autoencoder(EncoderDecoderModel):
 
     def sampling_info(self, **options: Any) -> dict[str, Any]:
         prior = "full-covariance Gaussian fitted to training latents" + (" of each class" if self.conditional else "")
-        return {"family": "Autoencoder", "prior": prior, **self.conditioning_info()}
+        return {"family": "Autoencoder", "weights": "raw", "prior": prior, **self.conditioning_info()}

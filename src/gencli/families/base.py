@@ -166,10 +166,16 @@ class GenerativeModel(L.LightningModule):
         """
         return {}
 
+    def score_notes(self) -> list[str]:
+        """What a reader must know beside this family's :meth:`score_batch` numbers and validation metrics (e.g. that
+        its bits/dim are not the paper-comparable kind); printed under the eval table and kept in metrics.json."""
+        return []
+
     def sampling_info(self, mode: str = "sample", **options: Any) -> dict[str, Any]:
         """What produced the samples, for the provenance in metrics.json (EMA, sampler, steps): of
-        :meth:`sample` (``mode="sample"``) or of :meth:`decode` (``mode="decode"``) with these options."""
-        return {"family": type(self).__name__}
+        :meth:`sample` (``mode="sample"``) or of :meth:`decode` (``mode="decode"``) with these options.
+        ``weights`` is "ema" or "raw": which weights made them (families without EMA use their raw weights)."""
+        return {"family": type(self).__name__, "weights": "raw"}
 
     # ----------------------------------------------------------------- class labels
     def check_labels(self, labels: Tensor | None, n: int, generator: SampleGenerator = None) -> Tensor | None:

@@ -249,7 +249,7 @@ class GAN(GenerativeModel):
         return {
             "family": "GAN",
             "loss": self.loss,
-            "generator": "ema" if ema else "raw",
+            "weights": "ema" if ema else "raw",
             "ema_decay": self.ema_decay if ema else None,
             "truncation": psi,
             "truncation_method": "psi-scaling toward the prior mean (z -> psi * z)" if psi is not None else None,
@@ -259,6 +259,9 @@ class GAN(GenerativeModel):
         }
 
     # ----------------------------------------------------------------- training
+    #: what each optimiser of configure_optimizers trains (the learning-rate monitor logs lr/generator, lr/discriminator)
+    optimizer_roles = ("generator", "discriminator")
+
     def configure_optimizers(self):
         defaults = {"lr": 2e-4, "betas": (0.5, 0.999)}
         opt_g = build_optimizer(self, self.g_optimizer_factory, list(self.generator.parameters()), **defaults)

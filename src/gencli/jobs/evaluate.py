@@ -1,6 +1,8 @@
 """``gencli eval``: compute the metrics named by ``metric=`` and write metrics.json with provenance.
 
-The job knows no metric: each entry of ``cfg.metric`` is an :class:`~gencli.metrics.base.EvalMetric`
+The images judged are generated from ``ckpt=`` or read from ``samples=``; the real ones are a data split (the
+checkpoint's data, or ``data=``) or ``ref=`` files (any two image sets, like torch-fidelity's --input1/--input2).
+The job knows no metric and no family: each entry of ``cfg.metric`` is an :class:`~gencli.metrics.base.EvalMetric`
 called with one shared context (model or samples, data split, n, seed, device, feature extractor,
 cache, output folder). Sample metrics (FID, KID, IS, PRDC) share one pass of the generated images
 through the extractor (``features=``); see :mod:`gencli.metrics.sample_metrics`.
@@ -28,15 +30,15 @@ from gencli.provenance import environment
 
 log = logging.getLogger(__name__)
 
-NOT_COMPARABLE = ("numbers marked 'domain' use gencli's own domain classifier{acc}: they compare models evaluated "
-                  "with the same classifier only and are NOT comparable with Inception FID/KID/IS in papers")
-
-
 def evaluate(cfg: DictConfig) -> dict:
     from gencli.families.base import GenerativeModel
 
     if not cfg.get("ckpt") and not cfg.get("samples"):
-        raise ConfigError("gencli eval needs ckpt=PATH (a checkpoint from 'gencli train') or samples=DIR|file.npz.")
+        raise ConfigError("gencli eval needs ckpt=PATH (a checkpoint from 'gencli train') or samples=DIR|file.npz "
+                          "(then the real images are data=<name> or ref=DIR|file.npz).")
+    if not cfg.get("ckpt") and not cfg.get("data") and not cfg.get("ref"):
+        raise ConfigError(f"samples={cfg.samples} needs real images to be compared with: ref=DIR|file.npz (any folder "
+                          "or .npz of images) or data=<name> (a data set's split=val|train).")
     if not cfg.get("metric"):
         raise ConfigError("metric= is empty; choose one, e.g. metric=recon, metric=fid or metric=all.")
     device = pick_device(cfg.device)
@@ -54,6 +56,7 @@ def evaluate(cfg: DictConfig) -> dict:
     ctx = EvalContext(
         model=model, datamodule=datamodule, split=cfg.split, n=cfg.n, batch_size=cfg.batch_size, seed=cfg.seed,
         device=device, out_dir=Path(cfg.paths.output_dir), ckpt=cfg.get("ckpt"), samples=cfg.get("samples"),
+        ref=cfg.get("ref"),
         sample_options=sample_options(cfg, model) if model is not None else {},
         features=instantiate(cfg.features) if cfg.get("features") else None,
         reference_n=reference.get("n"), use_cache=bool(reference.get("cache", True)),
@@ -68,22 +71,26 @@ def evaluate(cfg: DictConfig) -> dict:
     ctx.metrics = add_class_metrics(
         {name: instantiate(metric_cfg) for name, metric_cfg in cfg.metric.items() if metric_cfg is not None}, ctx)
     report = {"metrics": {}, "provenance": {}, "files": []}
+    rows, notes = {}, []
     for name, metric in ctx.metrics.items():
         result = metric(ctx)
         report["metrics"].update(result.values)
         report["provenance"][name] = result.provenance
         report["files"] += result.files
+        rows.update(result.rows)
+        notes += [note for note in result.notes if note not in notes]
     report["provenance"]["run"] = {
-        "ckpt": cfg.get("ckpt"), "samples": cfg.get("samples"), "split": cfg.split, "n": cfg.n, "seed": cfg.seed,
-        "data": datamodule.describe() if datamodule is not None else None,
+        "ckpt": cfg.get("ckpt"), "samples": cfg.get("samples"), "ref": cfg.get("ref"), "split": cfg.split,
+        "n": cfg.n, "seed": cfg.seed, "data": datamodule.describe() if datamodule is not None else None,
         "sampling": sampling,
-        "weights": checkpoint_weights(sampling) if sampling is not None else None,
+        # which weights made the samples: every family's sampling_info says ("ema" or "raw")
+        "weights": sampling.get("weights", "raw") if sampling is not None else None,
         **environment(),
     }
-    if sampling is not None and "sampling_cost" in ctx.shared:  # what the samples cost: for NFE-vs-quality tables
-        report["sampling_cost"] = {"nfe": sampling.get("nfe"), **ctx.shared["sampling_cost"]}
+    if sampling is not None and "sampling_cost" in ctx.shared:  # measured by the sample pass, for NFE-vs-quality
+        report["sampling_cost"] = ctx.shared["sampling_cost"]
     path = write_json(ctx.out_dir / "metrics.json", report)
-    print_table(report, path)
+    print_table(report["metrics"], rows, notes, path)
     return report
 
 
@@ -99,46 +106,14 @@ def labels_for_eval(cfg: DictConfig, model):
     return plan_labels(cfg.get("labels"), model) if model is not None else None
 
 
-def checkpoint_weights(info: dict) -> str:
-    """'ema' or 'raw': which weights made the samples (families without EMA sample with their raw weights)."""
-    for key in ("weights", "generator", "ema"):
-        value = info.get(key)
-        if isinstance(value, str) and value in ("ema", "raw"):
-            return value
-        if isinstance(value, bool):
-            return "ema" if value else "raw"
-    return "raw"
-
-
-def print_table(report: dict, path: Path) -> None:
-    """The metrics as a Rich table, each with the features it was measured on and any warning."""
-    metrics, provenance = report["metrics"], report["provenance"]
+def print_table(metrics: dict[str, float], rows: dict[str, str], notes: list[str], path: Path) -> None:
+    """The metrics as a Rich table, each with what it was measured on (as its metric describes it), notes below."""
     table = Table(title=f"gencli eval -> {path}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_column("measured on")
-    features_of = {}
-    for name, prov in provenance.items():
-        if isinstance(prov, dict) and isinstance(prov.get("measured_on"), str):  # a metric that says it itself
-            features_of.update({key: prov["measured_on"] for key in metrics if key.startswith(name)})
-        elif isinstance(prov, dict) and isinstance(prov.get("features"), dict):
-            f, ref, gen = prov["features"], prov.get("reference", {}), prov.get("generated", {})
-            label = f"{f['name']}: {gen.get('n_generated')} generated vs {ref.get('n_real')} real ({ref.get('split')})"
-            for key in metrics:
-                if key.startswith(name) or (name == "prdc" and key.split("_")[0] in ("precision", "recall", "density", "coverage")):
-                    features_of[key] = label
     for key, value in metrics.items():
-        table.add_row(key, f"{value:.6g}", features_of.get(key, "reconstructions of real images"))
-    notes = [prov["skipped"] for prov in provenance.values() if isinstance(prov, dict) and prov.get("skipped")]
-    domain = next((p["features"] for p in provenance.values() if isinstance(p, dict)
-                   and isinstance(p.get("features"), dict) and not p["features"].get("comparable_with_papers")), None)
-    if domain is not None:
-        acc = domain.get("held_out_accuracy")
-        notes.append(NOT_COMPARABLE.format(acc=f" (held-out accuracy {acc:.2%})" if acc is not None else ""))
-    cost = report.get("sampling_cost")
-    if cost:
-        nfe = f"{cost['nfe']} network evaluations and " if cost.get("nfe") else ""
-        notes.append(f"sampling cost: {nfe}{cost['seconds_per_image']:.4g} s per image ({cost['images']} images)")
+        table.add_row(key, "null (not finite)" if value is None else f"{value:.6g}", rows.get(key, ""))
     if notes:
         table.caption = "\n".join(notes)
     Console().print(table)

@@ -34,6 +34,9 @@ class EvalContext:
     sample_options: dict = field(default_factory=dict)
     ckpt: str | None = None
     samples: str | None = None
+    #: ``ref=``: a folder / .npz of real images to compare against instead of a data split (like torch-fidelity's
+    #: --input2); None: the data split ``split`` of ``datamodule``.
+    ref: str | None = None
     #: The feature extractor of the sample metrics (``features=``), prepared on first use.
     features: Any | None = None
     #: Real images in the reference statistics (None or <= 0: the whole split).
@@ -71,9 +74,23 @@ class EvalContext:
 
 @dataclass
 class MetricResult:
+    """What one metric measured. A metric describes its own table rows, so the eval job prints any metric alike:
+    ``rows`` says, per value, what it was measured on (by default the provenance's ``measured_on``), ``notes`` what
+    a reader must know beside the table (a skipped metric, a feature space not comparable with papers)."""
+
     values: dict[str, float]
     provenance: dict[str, Any] = field(default_factory=dict)
     files: list[str] = field(default_factory=list)
+    rows: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        measured_on = self.provenance.get("measured_on")
+        if isinstance(measured_on, str):
+            self.rows = {key: measured_on for key in self.values} | self.rows
+        skipped = self.provenance.get("skipped")
+        if isinstance(skipped, str) and skipped not in self.notes:
+            self.notes.append(skipped)
 
 
 class EvalMetric:

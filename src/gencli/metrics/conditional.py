@@ -31,12 +31,16 @@ class ClassMetric(SampleMetric):
     """A sample metric that needs the class of every generated image (and of the real ones)."""
 
     needs_labels = True
+    #: compares with the real images of each class (so ref= files must carry labels)
+    needs_real_labels = True
 
     def __init__(self, optional: bool = False):
         #: In metric=all: skipped, with a note, for unconditional models and unlabelled samples.
         self.optional = bool(optional)
 
     def unavailable(self, ctx: EvalContext) -> str | None:
+        if self.needs_real_labels and ctx.ref and not samples_have_labels(ctx.ref):
+            return f"ref={ctx.ref} holds no 'labels' array (the real images' classes)"
         return unlabelled(ctx)
 
     def __call__(self, ctx: EvalContext) -> MetricResult:
@@ -50,8 +54,9 @@ class ClassMetric(SampleMetric):
         return super().__call__(ctx)
 
     def begin(self, ref, n_fake: int, shard: Shard | None = None) -> None:
-        if ref.labels is None:
-            raise ConfigError(f"metric={self.name} needs the real images' labels, and the reference split has none.")
+        if self.needs_real_labels and ref.labels is None:
+            raise ConfigError(f"metric={self.name} needs the real images' labels, and the reference has none (ref= "
+                              "files carry them only as an .npz's 'labels' array).")
         self.shard = shard
         self.labels: list[Tensor] = []
         self.rows: list[Tensor] = []
@@ -106,6 +111,7 @@ class ClassAccuracy(ClassMetric):
 
     name = "class_accuracy"
     needs_logits = True
+    needs_real_labels = False
 
     def unavailable(self, ctx: EvalContext) -> str | None:
         name = getattr(ctx.features, "name", None)

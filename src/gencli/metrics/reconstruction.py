@@ -109,7 +109,11 @@ class ReconstructionMetrics(EvalMetric):
             provenance["lpips"] = {"net": self.lpips_net, "weights": str(lpips_path),
                                    "input": f"[-1, 1], grayscale replicated to RGB, upsampled (bilinear) to at least "
                                             f"{LPIPS_MIN_SIZE}x{LPIPS_MIN_SIZE}"}
-        return MetricResult(values=values, provenance=provenance, files=files)
+        notes = model.score_notes()  # e.g. which kind of bits/dim these are
+        if notes:
+            provenance["notes"] = notes
+        return MetricResult(values=values, provenance=provenance, files=files, notes=notes,
+                            rows=dict.fromkeys(values, f"reconstructions of {n} real {ctx.split} images"))
 
     @staticmethod
     def write_csv(path, per_sample: dict[str, torch.Tensor], labels: torch.Tensor) -> None:

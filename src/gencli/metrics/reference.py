@@ -10,6 +10,9 @@ size, channels, seed, split fraction, max_images, random_flip, source split or f
 policy), the split, the extractor's
 identity (name, weights sha256, input transform) and n, so any change to those misses.
 
+The real images are a data split (:class:`SplitImages`) or, for ``gencli eval samples=A ref=B``, any folder or
+.npz of images (:class:`FileImages`, keyed by a sha256 of the files' bytes: an edited file misses).
+
 On a hit nothing touches the data set: the data module is never set up (its files are not read).
 The manifest is written after the arrays, so an interrupted run leaves no entry that looks complete.
 An entry that cannot be read back whole (a truncated or garbled ``stats.npz``, a manifest that is
@@ -71,36 +74,119 @@ class ReferenceStats:
         return (self.outer_sum - self.n * np.outer(mean, mean)) / (self.n - 1)
 
     def describe(self) -> dict[str, Any]:
-        return {"data": self.key["data"], "split": self.key["split"], "n_real": self.n,
-                "n_requested": self.key["n"], "cache": self.cache, "cache_entry": self.path,
+        where = {k: self.key[k] for k in ("data", "split", "files") if k in self.key}
+        return {**where, "n_real": self.n, "n_requested": self.key["n"], "cache": self.cache, "cache_entry": self.path,
                 "seconds": round(self.seconds, 3)}
 
+    def where(self) -> str:
+        """A few words for the results table: which real images."""
+        if "files" in self.key:
+            return f"{self.n} real from ref={self.key['files']['path']}"
+        return f"{self.n} real ({self.key['data'].get('name')} {self.key['split']})"
 
-def reference_key(datamodule, split: str, extractor, n: int | None) -> dict[str, Any]:
-    return {"format": FORMAT_VERSION, "data": datamodule.describe(), "split": split,
-            "extractor": extractor.identity(), "n": "all" if not n or n <= 0 else int(n)}
+
+class SplitImages:
+    """The real images of one split of a data module (already in a seeded random order): the first n are used."""
+
+    def __init__(self, datamodule, split: str):
+        self.datamodule, self.split = datamodule, split
+        self.name = f"{datamodule.name}-{split}"
+        self.image_shape = tuple(datamodule.image_shape)
+
+    def key(self) -> dict[str, Any]:
+        return {"data": self.datamodule.describe(), "split": self.split}
+
+    def count(self, n: int | None) -> int:
+        available = len(self.datamodule.split(self.split).images)
+        total = available if not n or n <= 0 else min(int(n), available)
+        if total < 2:
+            from gencli.errors import ConfigError
+
+            raise ConfigError(f"split={self.split} of data={self.datamodule.name} has {available} image(s); reference "
+                              "statistics need at least 2.")
+        return total
+
+    def batches(self, total: int, batch_size: int):
+        images = self.datamodule.split(self.split).images
+        start = 0
+        for b in track_batches(total, batch_size, f"reference features ({self.datamodule.name} {self.split})"):
+            yield images[start : start + b].float() / 127.5 - 1
+            start += b
+
+    def labels(self, total: int) -> torch.Tensor | None:
+        labels = self.datamodule.split(self.split).labels
+        return None if labels is None else torch.as_tensor(labels[:total])
 
 
-def entry_dir(cache_dir: str | Path, datamodule, split: str, extractor, key: dict) -> Path:
-    return Path(str(cache_dir)).expanduser() / "reference" / f"{datamodule.name}-{split}-{extractor.name}-{key_hash(key)}"
+class FileImages:
+    """``ref=``: real images from a folder (PNG/JPEG, searched recursively, sorted by path) or an .npz/.npy of uint8
+    images, read with the same rules as ``samples=`` (:class:`gencli.metrics.sources.FileSource`). The cache key holds
+    a sha256 of every file's bytes, so a changed, added or removed image never reuses stale statistics."""
+
+    name = "files"
+
+    def __init__(self, path: str, image_shape: tuple[int, int, int] | None = None, data_name: str = "data"):
+        from gencli.metrics.sources import FileSource
+
+        self.image_shape = tuple(image_shape) if image_shape is not None else FileSource.peek_shape(path, key="ref")
+        self.source = FileSource(path, self.image_shape, n=0, key="ref", data_name=(
+            "the first image of ref=" + str(path) if image_shape is None else data_name))
+        self.path = self.source.path
+        self._sha256: str | None = None
+
+    def content_sha256(self) -> str:
+        if self._sha256 is None:
+            import hashlib
+
+            digest = hashlib.sha256()
+            files = self.source.files if self.source.files is not None else [self.path]
+            for file in files:
+                digest.update(str(Path(file).relative_to(self.path) if file != self.path else file.name).encode())
+                digest.update(hashlib.sha256(Path(file).read_bytes()).digest())
+            self._sha256 = digest.hexdigest()
+        return self._sha256
+
+    def key(self) -> dict[str, Any]:
+        return {"files": {"path": str(self.path), "sha256": self.content_sha256(), "images": self.source.available,
+                          "image_shape": list(self.image_shape), "channels": self.source.conversion}}
+
+    def describe(self) -> dict[str, Any]:
+        """What the domain extractor and provenance see in place of a data module's describe()."""
+        return {"name": self.name, **self.key()["files"]}
+
+    def classes(self) -> None:
+        return None
+
+    def count(self, n: int | None) -> int:
+        available = self.source.available
+        return available if not n or n <= 0 else min(int(n), available)
+
+    def batches(self, total: int, batch_size: int):
+        self.source.n = total
+        stream = self.source.stream(batch_size)  # the same batch sizes as the bar's
+        for _ in track_batches(total, batch_size, f"reference features (ref={self.path})"):
+            yield next(stream)[0]
+
+    def labels(self, total: int) -> torch.Tensor | None:
+        return self.source.labels_for(0, total)
+
+
+def reference_key(images, extractor, n: int | None) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, **images.key(), "extractor": extractor.identity(),
+            "n": "all" if not n or n <= 0 else int(n)}
+
+
+def entry_dir(cache_dir: str | Path, images, extractor, key: dict) -> Path:
+    return Path(str(cache_dir)).expanduser() / "reference" / f"{images.name}-{extractor.name}-{key_hash(key)}"
 
 
 @torch.no_grad()
-def compute_reference(datamodule, split: str, extractor, n: int | None, batch_size: int) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
-    """One pass over the first ``n`` images of ``split`` (the split is already a seeded random order)."""
-    images = datamodule.split(split).images
-    total = len(images) if not n or n <= 0 else min(int(n), len(images))
-    if total < 2:
-        from gencli.errors import ConfigError
-
-        raise ConfigError(f"split={split} of data={datamodule.name} has {len(images)} image(s); reference statistics "
-                          "need at least 2.")
+def compute_reference(images, extractor, n: int | None, batch_size: int) -> tuple[int, np.ndarray, np.ndarray, torch.Tensor]:
+    """One pass over the first ``n`` real images."""
+    total = images.count(n)
     feature_sum = outer_sum = None
     bank = []
-    start = 0
-    for b in track_batches(total, batch_size, f"reference features ({datamodule.name} {split})"):
-        x = images[start : start + b].float() / 127.5 - 1
-        start += b
+    for x in images.batches(total, batch_size):
         feats = extractor.features(x)
         f64 = feats.double()
         feature_sum = f64.sum(0) if feature_sum is None else feature_sum + f64.sum(0)
@@ -141,10 +227,16 @@ def read_entry(entry: Path, plain_key: dict, feature_dim: int = 0) -> ReferenceS
 
 def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir: str | Path | None,
                     batch_size: int = 256, use_cache: bool = True) -> ReferenceStats:
-    """Reference statistics from the cache, or computed (and stored when ``use_cache``)."""
-    key = reference_key(datamodule, split, extractor, n)
+    """Reference statistics of a data split from the cache, or computed (and stored when ``use_cache``)."""
+    return load_or_compute_images(SplitImages(datamodule, split), extractor, n, cache_dir, batch_size, use_cache)
+
+
+def load_or_compute_images(images, extractor, n: int | None, cache_dir: str | Path | None, batch_size: int = 256,
+                           use_cache: bool = True) -> ReferenceStats:
+    """Reference statistics of ``images`` (:class:`SplitImages` or :class:`FileImages`), cached or computed."""
+    key = reference_key(images, extractor, n)
     plain_key = json.loads(json.dumps(key, default=str))
-    entry = entry_dir(cache_dir, datamodule, split, extractor, key) if cache_dir else None
+    entry = entry_dir(cache_dir, images, extractor, key) if cache_dir else None
     start = time.perf_counter()
     if use_cache and entry is not None and (entry / "manifest.json").is_file() and (entry / "stats.npz").is_file():
         try:
@@ -157,7 +249,7 @@ def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir:
             ref.seconds = time.perf_counter() - start
             log.info("reference statistics: cache hit (%s)", entry)
             return ref
-    total, feature_sum, outer_sum, bank = compute_reference(datamodule, split, extractor, n, batch_size)
+    total, feature_sum, outer_sum, bank = compute_reference(images, extractor, n, batch_size)
     seconds = time.perf_counter() - start
     if use_cache and entry is not None:
         with atomic_write(entry / "stats.npz") as f:
@@ -166,7 +258,7 @@ def load_or_compute(datamodule, split: str, extractor, n: int | None, cache_dir:
 
         write_json(entry / "manifest.json", {"key": plain_key, "n_real": total, "feature_dim": int(bank.shape[1]),
                                              "compute_seconds": round(seconds, 3), **environment()})
-        log.info("reference statistics: computed %d %s images in %.1f s, cached in %s", total, split, seconds, entry)
+        log.info("reference statistics: computed %d %s images in %.1f s, cached in %s", total, images.name, seconds, entry)
     return ReferenceStats(n=total, feature_sum=feature_sum, outer_sum=outer_sum, features=bank, key=plain_key,
                           cache="miss" if use_cache and entry is not None else "off",
                           path=str(entry) if entry else None, seconds=seconds)

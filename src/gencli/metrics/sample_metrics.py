@@ -53,7 +53,7 @@ from gencli.errors import ConfigError
 from gencli.metrics.base import EvalContext, EvalMetric, MetricResult
 from gencli.metrics.domain import key_hash
 from gencli.metrics.prdc import prdc
-from gencli.metrics.reference import ReferenceStats, load_or_compute
+from gencli.metrics.reference import ReferenceStats, load_or_compute, load_or_compute_images
 from gencli.metrics.sources import FileSource, ImageSource, ModelSource, quantise
 from gencli.progress import track_batches
 
@@ -493,9 +493,21 @@ def raise_if_any(shard: Shard, answers: list[dict | None], own: BaseException | 
     raise GencliError(f"rank {rank} of {shard.world_size} failed {stage}: {answer['error']}: {answer['message']}", 1)
 
 
-def make_source(ctx: EvalContext, datamodule) -> ImageSource:
+def real_images(ctx: EvalContext, names: str):
+    """The real images the samples are compared with: ``ref=`` files, else the data split ``split``."""
+    from gencli.metrics.reference import FileImages, SplitImages
+
+    if ctx.ref:
+        if ctx.datamodule is None:
+            return FileImages(ctx.ref)
+        return FileImages(ctx.ref, ctx.datamodule.image_shape, ctx.datamodule.name)
+    return SplitImages(ctx.require_data(names), ctx.split)
+
+
+def make_source(ctx: EvalContext, real) -> ImageSource:
     if ctx.samples:
-        return FileSource(ctx.samples, datamodule.image_shape, n=ctx.n, data_name=datamodule.name)
+        return FileSource(ctx.samples, real.image_shape, n=ctx.n,
+                          data_name=f"ref={ctx.ref}" if ctx.ref else real.datamodule.name)
     if ctx.model is None:
         raise ConfigError("sample metrics need ckpt=PATH (to generate images) or samples=DIR|file.npz.")
     return ModelSource(ctx.model, ctx.n, ctx.seed, ctx.sample_options, ckpt=ctx.ckpt, labels=ctx.labels)
@@ -509,16 +521,16 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
     if requester not in metrics:
         metrics.append(requester)
     names = ", ".join(m.name for m in metrics)
-    datamodule = ctx.require_data(names)
     if ctx.features is None:
         raise ConfigError(f"metric {names} needs a feature extractor: features=domain or features=inception.")
-    source = make_source(ctx, datamodule)  # shape errors before any classifier training or data pass
+    real = real_images(ctx, names)
+    source = make_source(ctx, real)  # shape errors before any classifier training or data pass
     extractor = ctx.features
-    extractor.prepare(datamodule, ctx.device)
-    ref = load_or_compute(datamodule, ctx.split, extractor, ctx.reference_n, ctx.cache_dir,
-                          batch_size=ctx.batch_size, use_cache=ctx.use_cache)
-    if any(m.needs_labels for m in metrics):  # the reference holds the split's first ref.n images: their labels
-        ref.labels = datamodule.split(ctx.split).labels[: ref.n]
+    extractor.prepare(ctx.datamodule if ctx.datamodule is not None else real, ctx.device)
+    ref = load_or_compute_images(real, extractor, ctx.reference_n, ctx.cache_dir, batch_size=ctx.batch_size,
+                                 use_cache=ctx.use_cache)
+    if any(m.needs_labels for m in metrics):  # the reference holds the first ref.n real images: their labels
+        ref.labels = real.labels(ref.n)
     out = run_sample_metrics(metrics, source, extractor, ref, ctx.batch_size, ctx.seed, keep_images=ctx.save_samples)
     files = []
     if ctx.save_samples and out["images"] is not None:
@@ -537,12 +549,18 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
                    "note": "sampling + feature extraction; not part of the numbers"},
     }
     results = {}
+    measured_on = f"{extractor.summary()}: {source.n} generated vs {ref.where()}"
+    caveat = extractor.caveat()
     for metric in metrics:
-        results[id(metric)] = MetricResult(values=out["values"][id(metric)],
-                                           provenance={"metric": metric.settings(), **common}, files=files)
+        values = out["values"][id(metric)]
+        results[id(metric)] = MetricResult(values=values, provenance={"metric": metric.settings(), **common},
+                                           files=files, rows=dict.fromkeys(values, measured_on),
+                                           notes=[caveat] if caveat else [])
         files = []  # list the saved samples once
     ctx.shared["sample_pass"] = results
     if isinstance(source, ModelSource):
-        ctx.shared["sampling_cost"] = source.cost()
+        ctx.shared["sampling_cost"] = source.cost()  # what the samples cost: for NFE-vs-quality tables
+        for result in results.values():
+            result.notes.append(source.cost_note())
     log.info("sample metrics: %d images at %.1f images/s", source.n, out["images_per_second"])
     return results

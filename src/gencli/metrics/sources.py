@@ -96,8 +96,14 @@ class ModelSource(ImageSource):
 
     def cost(self) -> dict[str, Any]:
         """Seconds per generated image (model.sample alone) over this process's images."""
-        return {"images": self.images_sampled, "seconds": round(self.sampling_seconds, 3),
+        nfe = self.model.sampling_info(**self.options).get("nfe")  # network evaluations per image (diffusion)
+        return {"nfe": nfe, "images": self.images_sampled, "seconds": round(self.sampling_seconds, 3),
                 "seconds_per_image": self.sampling_seconds / max(self.images_sampled, 1)}
+
+    def cost_note(self) -> str:
+        cost = self.cost()
+        nfe = f"{cost['nfe']} network evaluations and " if cost.get("nfe") else ""
+        return f"sampling cost: {nfe}{cost['seconds_per_image']:.4g} s per image ({cost['images']} images)"
 
     def labels_for(self, start: int, count: int) -> Tensor | None:
         return self.labels.labels_for(start, count) if self.labels is not None else None
@@ -144,6 +150,25 @@ class FileSource(ImageSource):
             raise ConfigError(f"{key}={path} holds {available} image(s); sample-based metrics need at least {minimum}.")
         if self.n < available:
             log.warning("samples=%s holds %d images; using the first n=%d (n=0 uses all)", path, available, self.n)
+
+    @staticmethod
+    def peek_shape(path: str, key: str = "ref") -> tuple[int, int, int]:
+        """(C, H, W) of the first image of a folder / the images of an array file, to compare others against it."""
+        probe = FileSource.__new__(FileSource)
+        probe.key, probe.path = key, Path(str(path)).expanduser()
+        if not probe.path.exists():
+            raise ConfigError(f"{key}={path} does not exist. Give a folder of PNG/JPEG images or an .npz/.npy of uint8 "
+                              "images (N, H, W[, C]).")
+        if probe.path.is_dir():
+            from gencli.data.folder import list_images
+
+            files = list_images(probe.path)
+            if not files:
+                raise ConfigError(f"{key}={path} is a folder without images (PNG, JPEG, ... searched recursively).")
+            h, w, c = probe.decode(files[0]).shape
+        else:
+            _, h, w, c = probe.load_array()[0].shape
+        return c, h, w
 
     def load_array(self) -> tuple[np.ndarray, np.ndarray | None]:
         """The images, and the class labels an .npz holds beside them (key ``labels``, as gencli sample writes for a
@@ -194,6 +219,12 @@ class FileSource(ImageSource):
 
     def check_shape(self, batch: np.ndarray) -> None:
         _, h, w, c = batch.shape
+        files_vs_files = self.data_name.startswith(("ref=", "the first image of "))
+        if (h, w) != (self.height, self.width) and files_vs_files:
+            raise ConfigError(
+                f"{self.key}={self.path} holds {h}x{w} images but {self.data_name} holds {self.height}x{self.width} "
+                "images. Nothing is resized silently: both image sets must have the same size (resize one of them "
+                "the way you want it measured, e.g. with PIL's Image.resize, and save it again).")
         if (h, w) != (self.height, self.width):
             raise ConfigError(
                 f"{self.key}={self.path} holds {h}x{w} images but data={self.data_name} (the reference) gives "
@@ -208,6 +239,9 @@ class FileSource(ImageSource):
         if c == 3 and self.channels == 1 and np.array_equal(batch[..., 0], batch[..., 1]) and np.array_equal(batch[..., 0], batch[..., 2]):
             self.conversion = "RGB samples with equal channels read as grayscale"
             return
+        if files_vs_files:
+            raise ConfigError(f"{self.key}={self.path} holds {c}-channel images but {self.data_name} holds "
+                              f"{self.channels}-channel ones; convert one set so both are RGB or both grayscale.")
         raise ConfigError(
             f"{self.key}={self.path} holds {c}-channel images but data={self.data_name} has {self.channels} channel(s); "
             f"add data.channels={c} to compare with the real images in {'RGB' if c == 3 else 'grayscale'}."
