@@ -42,6 +42,30 @@ class HardwareSettings:
             raise ConfigError(f"hardware.optimizer_kernel={self.optimizer_kernel} is not known; use one of "
                               f"{', '.join(OPTIMIZER_KERNELS)}.")
 
+    def gpu_settings(self) -> list[str]:
+        """The settings of this profile that are made for a GPU (half precision, pinned memory, many workers)."""
+        import os
+
+        found = []
+        if self.precision in ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "transformer-engine"):
+            found.append(f"precision={self.precision} (CPU autocast is rarely faster and changes the numbers)")
+        if self.pin_memory:
+            found.append("pin_memory=true (pinning only helps copies to a GPU)")
+        if self.num_workers > (os.cpu_count() or 1):
+            found.append(f"num_workers={self.num_workers} (more loader processes than this machine's "
+                         f"{os.cpu_count()} cores, which the training itself needs)")
+        return found
+
+    def mismatch(self, accelerator: str, profile: str | None = None) -> str | None:
+        """A warning when a GPU profile meets a CPU trainer (``hardware=gpu_fast trainer=cpu``), else None: the run
+        works, but slower or different from what the profile promises, so say so before it starts."""
+        found = self.gpu_settings()
+        if str(accelerator) != "cpu" or not found:
+            return None
+        name = f"hardware={profile}" if profile else "the hardware settings"
+        return (f"{name} is made for a GPU but trainer.accelerator=cpu: {'; '.join(found)}. For a CPU run use "
+                "hardware=cpu_fast (or hardware=default); for a GPU run add trainer=gpu.")
+
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Set process-wide matmul precision, then memory layout and compilation of ``model``'s nets."""
         torch.set_float32_matmul_precision(self.matmul_precision)

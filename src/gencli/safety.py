@@ -60,6 +60,8 @@ GENCLI_TARGETS = frozenset({
     "gencli.hardware.HardwareSettings",
     "gencli.callbacks.ModelCheckpoint",
     "gencli.callbacks.TrainingProgressBar",
+    "gencli.callbacks.LearningRateMonitor",
+    "gencli.callbacks.ModelSummary",
     "gencli.callbacks.SampleGrid",
     "gencli.callbacks.NonFiniteGuard",
     "gencli.callbacks.GANMonitor",

@@ -6,6 +6,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             logging.getLogger(__name__).info("sweep.skip_done: %s already completed (value %s); skipped", out_dir,
                                              done.get("value"))
             return done.get("value") if done.get("value") is not None else float("nan")
+    fresh = not multirun and out_dir is not None and only_bookkeeping(out_dir, cfg)  # made by Hydra for this job
     try:
         from gencli.schema import validate
 
@@ -96,12 +98,29 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         release_process_group()
         if launched_rank():
             leave_after_rank_zero(gencli_error)
+        if fresh and first and not isinstance(gencli_error, Interrupted) and only_bookkeeping(out_dir, cfg):
+            import shutil  # failed before it produced anything: leave no empty run folder behind (the error is printed)
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+            for parent in list(Path(str(out_dir)).parents)[:2]:  # outputs/<verb>/runs/ too, when nothing else is there
+                with contextlib.suppress(OSError):
+                    parent.rmdir()
         from rich.console import Console
 
         Console(stderr=True, soft_wrap=True).print(f"[bold red]gencli error:[/] {gencli_error.message}", highlight=False)
         if multirun and not isinstance(gencli_error, Interrupted):
             return float("nan")  # recorded; the sweep goes on, and its summary exits 1 at the end
         sys.exit(gencli_error.exit_code)
+
+
+def only_bookkeeping(out_dir, cfg: DictConfig) -> bool:
+    """Whether ``out_dir`` holds nothing but Hydra's and gencli's records (.hydra/, <verb>.log, job.json): a run
+    folder in which the job produced nothing (a folder of an earlier run, with checkpoints or images, never is)."""
+    records = {".hydra", f"{cfg.get('task_name')}.log", "job.json"}
+    try:
+        return all(entry.name in records for entry in Path(str(out_dir)).iterdir())
+    except OSError:
+        return False
 
 
 def record_job(out_dir, status: str, value=None, **fields) -> None:

@@ -37,6 +37,9 @@ def train(cfg: DictConfig) -> float | None:
         log.info(resume.complete)
         return finished_value(cfg, resume)
     hardware = instantiate(cfg.hardware)
+    mismatch = hardware.mismatch(cfg.trainer.get("accelerator", "auto"), hardware_profile(cfg))
+    if mismatch:
+        log.warning(mismatch)
     datamodule = instantiate(cfg.data)
     classes_from_data(cfg, datamodule)
     model = hardware.apply(instantiate(cfg.model))
@@ -67,6 +70,16 @@ def train(cfg: DictConfig) -> float | None:
                       reason="stopped early by the Optuna search's pruner" if pruned else None)
     value = metrics.get(cfg.optimized_metric) if cfg.get("optimized_metric") else None
     return None if value is None or not math.isfinite(value) else value
+
+
+def hardware_profile(cfg: DictConfig) -> str | None:
+    """The name of the hardware= profile this run composed (gpu_fast, cpu_fast...), when Hydra knows it."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get("hardware")
+    except ValueError:  # composed outside a Hydra run (tests, library use)
+        return None
 
 
 def classes_from_data(cfg: DictConfig, datamodule) -> None:
@@ -135,6 +148,8 @@ def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "resumed_from": {"checkpoint": str(resume.path), "step": resume.step} if resume else None,
         "files": files,
         "provenance": {"seed": cfg.seed, "model": cfg.model._target_, "data": cfg.data._target_, **environment()},
+        # what a reader must know beside the metrics (e.g. that the VAE's bits/dim are not the papers' kind)
+        **({"notes": notes} if (notes := getattr(trainer.lightning_module, "score_notes", list)()) else {}),
     })
     if status == "completed":
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
