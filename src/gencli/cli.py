@@ -16,7 +16,9 @@ VERBS = {
 
 USAGE = "usage: gencli {" + ",".join(VERBS) + "} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(
     f"  {verb:<7} {text}" for verb, (_, _, text) in VERBS.items()
-) + "\n\n'gencli VERB --help' lists that verb's config groups and options."
+) + "\n\n'gencli VERB --help' lists that verb's config groups and options.\n" \
+  "  --version                  versions of gencli and its stack\n" \
+  "  --install-completion SHELL tab completion of verbs, groups, options and keys (bash, zsh, fish)"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,10 +31,17 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         sys.exit(0 if argv else 2)
+    if argv[0].startswith("--") or argv[0] == "completion" or (len(argv) > 1 and argv[1] in SHELL_FLAGS):
+        sys.exit(shell_citizen(argv))
     verb, overrides = argv[0], argv[1:]
     if verb not in VERBS:
         print(f"gencli error: '{verb}' is not a verb; use one of {', '.join(VERBS)}.\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
+    if "--help" in overrides or "-h" in overrides:  # only the groups this verb composes (see gencli/shell.py)
+        from gencli.shell import verb_help
+
+        print(verb_help(verb, [o for o in overrides if o not in ("--help", "-h")]))
+        sys.exit(0)
     from gencli.config import precheck
 
     try:  # composition, types, ranges, keys, the output folder: one paragraph before anything runs
@@ -50,6 +59,40 @@ def main(argv: list[str] | None = None) -> None:
         # make that the job module (which has its own __main__ block), not the verb dispatcher.
         main_module.__spec__ = module.__spec__
     module.main()
+
+
+#: Hydra's completion flags, routed to gencli's own (Hydra's would complete 'python', not 'gencli VERB').
+SHELL_FLAGS = ("-sc", "--shell-completion")
+
+
+def shell_citizen(argv: list[str]) -> int:
+    """``--version``, ``--complete WORDS``, ``--install-completion SHELL``, ``completion SHELL`` (print the script)."""
+    from gencli import shell
+
+    flag = argv[0]
+    try:
+        if flag == "--version":
+            print(shell.version_text())
+        elif flag == "--complete":
+            print("\n".join(shell.complete(argv[1:])))
+        elif flag == "--install-completion":
+            print(shell.install(argv[1] if len(argv) > 1 else ""))
+        elif flag == "completion":
+            if len(argv) < 2 or argv[1] not in shell.SCRIPTS:
+                raise GencliError(f"gencli completion SHELL prints the completion script; SHELL is one of "
+                                  f"{', '.join(shell.SHELLS)} (e.g. eval \"$(gencli completion bash)\").", 2)
+            print(shell.SCRIPTS[argv[1]], end="")
+        elif len(argv) > 1 and argv[1] in SHELL_FLAGS:
+            raise GencliError(f"'{' '.join(argv)}': Hydra's shell completion would complete 'python', not gencli; "
+                              "use gencli's own: gencli --install-completion bash|zsh|fish (or eval \"$(gencli "
+                              "completion bash)\" for this shell only).", 2)
+        else:
+            raise GencliError(f"{flag} is not a gencli flag; use --help, --version or --install-completion SHELL, or "
+                              f"a verb ({', '.join(VERBS)}).", 2)
+    except GencliError as err:
+        print(f"gencli error: {err.message}", file=sys.stderr)
+        return err.exit_code
+    return 0
 
 
 if __name__ == "__main__":

@@ -94,6 +94,8 @@ def make_files(tmp: Path, ckpt: Path) -> dict[str, str]:
     files["foreign"] = str(tmp / "foreign.ckpt")
     np.savez(tmp / "float.npz", images=np.zeros((4, 16, 16, 1), dtype=np.float32))
     files["float_npz"] = str(tmp / "float.npz")
+    np.savez(tmp / "u8.npz", images=np.random.default_rng(0).integers(0, 256, (8, 8, 8), dtype=np.uint8))
+    files["u8_npz"] = str(tmp / "u8.npz")
     (tmp / "empty").mkdir()
     files["empty"] = str(tmp / "empty")
     (tmp / "plain_file").write_text("x")
