@@ -123,8 +123,8 @@ class VAE(EncoderDecoderModel):
         return nll / (self.pixels * math.log(2.0))
 
     def score_notes(self) -> list[str]:
-        papers = ("papers' bits/dim are exact negative log-likelihoods of the 8-bit images under a discretised "
-                  "likelihood (or a dequantised density), e.g. ~3-4.5 on CIFAR-10")
+        papers = ("papers' bits/dim (exact negative log-likelihoods of the 8-bit images under a discretised likelihood "
+                  "or a dequantised density, e.g. ~3-4.5 on CIFAR-10)")
         if self.likelihood == "bernoulli":
             return [f"bpd / val/bpd ({self.likelihood} likelihood): the Bernoulli decoder treats grey levels in [0, 1] as "
                     "probabilities of black-or-white pixels, which is not a likelihood of 8-bit images (on RGB data "
@@ -132,7 +132,7 @@ class VAE(EncoderDecoderModel):
                     "For a comparable number use model.likelihood=gaussian, and read it as an approximation."]
         return [f"bpd / val/bpd ({self.likelihood} likelihood): the Gaussian density times the 2/256 bin width of "
                 "[-1, 1] data, without dequantisation: an approximation of the discrete likelihood, close to but not "
-                f"exactly what {papers} report."]
+                f"exactly {papers}."]
 
     def training_step(self, batch, batch_idx):
         t = self.terms(batch[0], training=True, labels=self.batch_labels(batch))

@@ -47,7 +47,10 @@ class ClassMetric(SampleMetric):
         why = self.unavailable(ctx)
         if why is not None:
             if self.optional:
-                return MetricResult(values={}, provenance={"skipped": f"{self.name} skipped: {why}"})
+                # images without classes (an unconditional model): recorded, not printed, as it does not apply; labelled
+                # images whose reference lacks labels: a printed note, as the user may want the number
+                key = "not_applicable" if unlabelled(ctx) is not None else "skipped"
+                return MetricResult(values={}, provenance={key: f"{self.name} skipped: {why}"})
             raise ConfigError(f"metric={self.name} judges class-conditional generation, but {why}. Evaluate a "
                               "checkpoint trained with model.conditional=true (or samples from one) with "
                               "features=domain.")
