@@ -12,6 +12,7 @@ VERBS = {
     "sample": ("gencli.jobs.sample", "sample", "images from a checkpoint: gencli sample ckpt=PATH n=64 [mode=interpolate]"),
     "eval": ("gencli.jobs.evaluate", "eval", "metrics for a checkpoint: gencli eval ckpt=PATH [metric=recon]"),
     "export": ("gencli.jobs.export", "export", "weights out: gencli export ckpt=PATH format=safetensors|diffusers"),
+    "report": ("gencli.jobs.report", "report", "one self-contained report.html: gencli report path=RUN_DIR|SWEEP_DIR"),
 }
 
 USAGE = "usage: gencli {" + ",".join(VERBS) + "} [hydra overrides...] [--help] [--cfg job] [-m]\n\n" + "\n".join(

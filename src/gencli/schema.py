@@ -217,7 +217,20 @@ class ExportJob:
     overwrite: bool
 
 
-JOBS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "eval": EvalJob, "export": ExportJob}
+@dataclass
+class ReportJob:
+    task_name: str
+    run_name: str | None
+    path: str | None
+    out: str | None
+    rank_by: str | None
+    direction: Literal["minimize", "maximize"] | None
+    max_grids: Annotated[int, POSITIVE]
+    related: list[str] | None
+
+
+JOBS: dict[str, type] = {"train": TrainJob, "sample": SampleJob, "eval": EvalJob, "export": ExportJob,
+                         "report": ReportJob}
 #: Top-level keys that are config groups (checked as nodes, not as job options).
 GROUP_KEYS = {"model", "data", "trainer", "hardware", "logger", "callbacks", "paths", "sampler", "metric", "features",
               "experiment", "hparams_search", "hydra"}
