@@ -147,7 +147,7 @@ def test_data_folder_counts_unsupported_and_undecodable_files_with_their_reasons
     png = io.BytesIO()
     Image.fromarray(RAMP16).save(png, format="PNG")
     (tmp_path / "truncated.png").write_bytes(png.getvalue()[: len(png.getvalue()) // 2])
-    dm = FolderDataModule(root=str(tmp_path), image_size=8, channels=1, val_fraction=0.25)
+    dm = FolderDataModule(root=str(tmp_path), image_size=8, channels=1, val_fraction=0.25, lazy=False)  # counted at set-up
     with pytest.warns(UserWarning) as record:
         dm.setup()
     message = str(record[0].message)

@@ -25,6 +25,9 @@ log = logging.getLogger(__name__)
 class UInt8ImageDataset(Dataset):
     """In-memory uint8 images -> ([-1, 1] float image, label).
 
+    ``images`` is a uint8 tensor, or anything indexed like one (``data=folder``'s lazy
+    :class:`~gencli.data.folder.FolderImages`, which decodes the files it is asked for).
+
     Indexed by ``i`` or by ``(i, flip)``: the training loader's :class:`EpochSampler` decides the flips, so
     they do not depend on the global random state (or on which worker process decodes the image).
     """
@@ -209,15 +212,20 @@ class ImageDataModule(L.LightningDataModule):
         images = to_channels(images, self.channels)
         if self.max_images is not None:
             images, labels = images[: self.max_images], labels[: self.max_images]
-        n = len(images)
+        val_idx, train_idx = self.split_indices(len(images))
+        self.train_set = UInt8ImageDataset(images[train_idx], labels[train_idx], self.random_flip)
+        self.val_set = UInt8ImageDataset(images[val_idx], labels[val_idx])
+        log.info("%s: %d train / %d val images of shape %s", self.name, len(train_idx), len(val_idx), self.image_shape)
+
+    def split_indices(self, n: int) -> tuple[Tensor, Tensor]:
+        """(val, train) indices of ``n`` images: a permutation seeded by ``seed``, whose first
+        ``round(n * val_fraction)`` (at least 1) are the val split. One rule for every data module (a lazy
+        folder splits its file listing with it)."""
         n_val = max(1, round(n * self.val_fraction))
         if n - n_val < 1:
             raise ConfigError(f"data set has only {n} image(s): too few to split into train and val.")
         order = torch.randperm(n, generator=torch.Generator().manual_seed(self.seed))
-        val_idx, train_idx = order[:n_val], order[n_val:]
-        self.train_set = UInt8ImageDataset(images[train_idx], labels[train_idx], self.random_flip)
-        self.val_set = UInt8ImageDataset(images[val_idx], labels[val_idx])
-        log.info("%s: %d train / %d val images of shape %s", self.name, n - n_val, n_val, self.image_shape)
+        return order[:n_val], order[n_val:]
 
     def split(self, name: str) -> UInt8ImageDataset:
         self.setup()
