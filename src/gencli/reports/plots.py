@@ -3,7 +3,7 @@ backend switch) and returned as PNG bytes.
 
 - :func:`curve_families` groups logged columns into one small plot per quantity: ``train/loss`` and
   ``val/loss`` together, ``val/loss_t0..t3`` together, every ``lr-*`` together.
-- :func:`curves_png` draws one such plot against the optimiser step.
+- :func:`curves_png` draws one such plot against the optimiser step (a log axis when the values span a decade).
 - :func:`metric_vs_param_png` draws a sweep's metric against one swept parameter: a numeric axis (log when the
   values span two decades or more) when every value is a number, else one category per value.
 """
@@ -53,8 +53,8 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _spans_decades(values: list[float]) -> bool:
-    return bool(values) and min(values) > 0 and max(values) / min(values) >= 100
+def _spans_decades(values: list[float], ratio: float = 100) -> bool:
+    return bool(values) and min(values) > 0 and max(values) / min(values) >= ratio
 
 
 def curves_png(family: str, columns: list[str], curves: Curves) -> bytes:
@@ -65,7 +65,7 @@ def curves_png(family: str, columns: list[str], curves: Curves) -> bytes:
         style = {"marker": "o", "markersize": 3} if len(values) < 30 else {}
         axes.plot(steps, values, label=column, linewidth=1.2, **style)
         every.extend(values)
-    if _spans_decades(every):
+    if _spans_decades(every, 10):  # a loss that falls tenfold: its late changes are visible on a log axis only
         axes.set_yscale("log")
     axes.set_title(family, fontsize=10)
     axes.set_xlabel("step", fontsize=8)
