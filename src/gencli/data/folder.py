@@ -435,6 +435,7 @@ class FolderDataModule(ImageDataModule):
         self.skip_reasons: dict[Path, UnreadableImage] = {}
         self.class_names: list[str] = []
         self._names: list[str] | None = None
+        self._classes: list[str] | None = None  # what classes() found ([] for an unlabelled folder)
 
     def describe(self) -> dict:
         # lazy is part of the identity: with unreadable files the two modes split different listings
@@ -456,10 +457,11 @@ class FolderDataModule(ImageDataModule):
         directly under root (then the folder is unlabelled: a conditional model on it is refused)."""
         if self.root is None or not self.root.is_dir():
             return None
-        names = self._listing()
-        if not names or any("/" not in name for name in names):
-            return None
-        return sorted({name.split("/", 1)[0] for name in names})
+        if self._classes is None:
+            names = self._listing()
+            labelled = names and all("/" in name for name in names)
+            self._classes = sorted({name.split("/", 1)[0] for name in names}) if labelled else []
+        return list(self._classes) or None
 
     def _listing_with_labels(self) -> tuple[list[str], Tensor]:
         """The listing (never empty) and each file's label: its class subfolder's index, or -1 directly under root."""
@@ -486,7 +488,9 @@ class FolderDataModule(ImageDataModule):
         names, labels = self._listing_with_labels()
         if self.cache_dir is not None:
             self.cache = DecodedCache.open_or_create(self.cache_dir, self.root, names, self.decoder)
+        self.classes()  # (known before the listing is dropped)
         images = FolderImages(self.root, FileTable(names), self.decoder, self.cache)
+        self._names = None  # the file table holds the listing now (a third of the memory, no per-file objects)
         self._check_decodable(images)
         n = len(names) if self.max_images is None else min(len(names), int(self.max_images))
         val_idx, train_idx = self.split_indices(n)
