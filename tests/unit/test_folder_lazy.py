@@ -318,3 +318,18 @@ def test_options_are_checked(folder, tmp_path, compose_cfg):
 
     with pytest.raises(ConfigError, match="data.lazy"):
         validate(compose_cfg("train", ["data=folder", f"data.root={folder}", "data.lazy=sometimes"]), "train")
+
+
+def test_a_cache_that_does_not_fit_is_one_paragraph_at_set_up(folder, tmp_path, monkeypatch):
+    """The cache's blocks are reserved when it is created: a full disk is a ConfigError then, not a SIGBUS in a
+    loader worker writing into a sparse file later; and no half-made cache folder is left behind."""
+    import errno
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(ConfigError, match=r"cannot hold the decoded-image cache of 16 images .* No space left") as err:
+        FolderDataModule(root=str(folder), image_size=8, cache_dir=str(tmp_path / "cache")).setup()
+    assert "data.cache_dir=null" in err.value.message
+    assert list((tmp_path / "cache").iterdir()) == []

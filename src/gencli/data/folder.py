@@ -243,20 +243,28 @@ class DecodedCache:
     def _create(self, root: Path) -> None:
         tmp = self.folder.with_name(f"{self.folder.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        size = self.n * int(np.prod(self.shape)) + 4 * self.n
         try:
-            # open_memmap writes the header and seeks to the end: sparse files, no N*C*S*S bytes written now.
+            tmp.mkdir()
             for name, dtype, shape in (("images", np.uint8, (self.n, *self.shape)), ("stamps", np.uint32, (self.n,))):
                 array = np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
                 array.flush()
                 del array
+                # Reserve the blocks now: a full disk is this one paragraph at start-up, not a SIGBUS in a loader
+                # worker when it first writes to a hole of a sparse file.
+                with open(tmp / f"{name}.npy", "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
             (tmp / "manifest.json").write_text(json.dumps(
                 {"root": str(root), "n": self.n, "shape": list(self.shape), "version": CACHE_VERSION}, indent=1))
             tmp.rename(self.folder)
-        except OSError:
+        except OSError as err:
             shutil.rmtree(tmp, ignore_errors=True)
             if not self.folder.is_dir():  # (when it exists, another process created it first: use theirs)
-                raise
+                raise ConfigError(
+                    f"data.cache_dir={self.folder.parent} cannot hold the decoded-image cache of {self.n} images "
+                    f"({size / 2**20:.0f} MiB): {err.strerror or err}. Give a writable folder with room, or "
+                    "data.cache_dir=null to decode every epoch without a cache."
+                ) from err
         problem = self._check()
         if problem is not None:
             raise RuntimeFailure(f"data.cache_dir: {self.folder} {problem} right after it was created; is the disk full?")
@@ -265,6 +273,9 @@ class DecodedCache:
         """None when the two arrays open with the expected types and shapes, else what is wrong."""
         try:
             self._open()
+        except PermissionError as err:
+            raise ConfigError(f"data.cache_dir: {self.folder} cannot be opened for writing ({err.strerror}); make it "
+                              "writable, or give another data.cache_dir (null: no cache).") from err
         except (OSError, ValueError, EOFError) as err:
             self._images = self._stamps = None
             return f"is unreadable ({type(err).__name__}: {err})"
