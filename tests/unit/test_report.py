@@ -106,7 +106,7 @@ def test_run_report_has_every_section_and_every_image_decodes(run_dir):
     assert sum(alt.startswith(("loss:", "loss_t*:", "kl:", "learning rate:")) for alt in captions) == 4
     grids = [alt for alt in captions if "step " in alt or alt.startswith("final")]
     assert grids == ["step 10: samples (step_0000010.png)", "step 20: samples (step_0000020.png)",
-                     "final: samples (final.png)", "final: inputs over reconstructions (final_reconstructions.png)"]
+                     "final: samples (final.png)", "final: inputs beside their reconstructions (final_reconstructions.png)"]
     assert parsed.row("val/loss")[1] == "1.5" and parsed.row("steps")[1] == "20"
     assert parsed.row("seed")[1] == "0"  # provenance
     # the checkpoint named by a record written elsewhere is found in this folder and hashed

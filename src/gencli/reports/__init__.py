@@ -4,7 +4,7 @@
 :func:`gencli.reports.run.run_report` or :func:`gencli.reports.sweep.sweep_report`. Both read the folder as
 data that may come from a stranger (:mod:`gencli.reports.read`), draw their plots with matplotlib
 (:mod:`gencli.reports.plots`) and write escaped HTML with every image inline (:mod:`gencli.reports.page`).
-No Lightning, no torch, no model: a report only reads files.
+No Lightning and no model: a report only reads files.
 """
 
 from __future__ import annotations

@@ -82,25 +82,28 @@ def is_numeric(values: list) -> bool:
         return False
 
 
-def metric_vs_param_png(param: str, xs: list, ys: list[float], metric: str, best: int | None = None) -> bytes:
-    """``metric`` of each completed job against its value of ``param``; ``best`` (an index) is ringed."""
+def metric_vs_param_png(param: str, xs: list, ys: list[float], metric: str, best: int | None = None,
+                        groups: list[str] | None = None) -> bytes:
+    """``metric`` of each completed job against its value of ``param``; ``best`` (an index) is ringed. ``groups``
+    labels each job by its other swept values: one line per label, so jobs that differ elsewhere are not joined."""
     figure, axes = _figure(4.6, 3.0)
-    if is_numeric(xs):
-        numbers = [float(x) for x in xs]
-        order = sorted(range(len(numbers)), key=numbers.__getitem__)
-        axes.plot([numbers[i] for i in order], [ys[i] for i in order], "o-", linewidth=1, markersize=5)
-        if _spans_decades(numbers):
-            axes.set_xscale("log")
-        positions = numbers
-    else:
-        categories = list(dict.fromkeys(str(x) for x in xs))
-        positions = [categories.index(str(x)) for x in xs]
-        axes.plot(positions, ys, "o", markersize=6)
+    numeric = is_numeric(xs)
+    categories = list(dict.fromkeys(str(x) for x in xs))
+    positions = [float(x) for x in xs] if numeric else [float(categories.index(str(x))) for x in xs]
+    labels = groups or [""] * len(xs)
+    for label in dict.fromkeys(labels):
+        members = sorted((i for i, g in enumerate(labels) if g == label), key=positions.__getitem__)
+        axes.plot([positions[i] for i in members], [ys[i] for i in members], "o-" if numeric else "o",
+                  linewidth=1, markersize=5, label=label or None)
+    if numeric and _spans_decades(positions):
+        axes.set_xscale("log")
+    if not numeric:
         axes.set_xticks(range(len(categories)), categories, rotation=30 if len(categories) > 4 else 0,
                         ha="right" if len(categories) > 4 else "center")
     if best is not None:
         axes.plot([positions[best]], [ys[best]], "o", markersize=12, markerfacecolor="none", color="tab:green",
                   label="best")
+    if best is not None or any(labels):
         axes.legend(fontsize=7)
     axes.set_xlabel(param, fontsize=9)
     axes.set_ylabel(metric, fontsize=9)

@@ -145,10 +145,10 @@ def training_grids(folder: Path) -> list[tuple[str, Path]]:
         if match:
             recon = bool(match.group(2))
             found.append((int(match.group(1)), recon, f"step {int(match.group(1))}: "
-                          f"{'inputs over reconstructions' if recon else 'samples'} ({path.name})", path))
+                          f"{'inputs beside their reconstructions' if recon else 'samples'} ({path.name})", path))
         elif path.name.startswith("final"):
             recon = "reconstruction" in path.name
-            found.append((2**62, recon, f"final: {'inputs over reconstructions' if recon else 'samples'} "
+            found.append((2**62, recon, f"final: {'inputs beside their reconstructions' if recon else 'samples'} "
                           f"({path.name})", path))
     if (folder / "samples.png").is_file():  # a gencli sample run
         found.append((2**62, 0, "samples.png", folder / "samples.png"))

@@ -186,7 +186,10 @@ def plots_section(jobs: list[Job], ranked: list[Job], metric: str | None, best: 
             continue
         xs, ys = [job.params[param] for job in points], [job.value for job in points]
         marked = next((i for i, job in enumerate(points) if job is best), None)
-        pictures.append(html.image(metric_vs_param_png(param, xs, ys, metric, marked),
+        groups = [" ".join(f"{k}={v}" for k, v in job.params.items() if k != param) for job in points]
+        if len(set(groups)) > 8:  # too many lines to tell apart: the points alone
+            groups = None
+        pictures.append(html.image(metric_vs_param_png(param, xs, ys, metric, marked, groups),
                                    f"{metric} against {param} ({len(points)} completed job(s))"))
     left_out = len(jobs) - len(ranked)
     note = html.paragraph(f"{left_out} job(s) without a finite {metric} are not plotted.") if left_out else ""
