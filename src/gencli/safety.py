@@ -92,6 +92,9 @@ LIBRARY_TARGETS = frozenset({
     "lightning.pytorch.strategies.DDPStrategy",
     "lightning.pytorch.loggers.CSVLogger",
     "lightning.pytorch.loggers.TensorBoardLogger",
+    # logger=wandb|mlflow: keyword settings only (names, a directory, a tracking URI); sample/eval never build them
+    "lightning.pytorch.loggers.WandbLogger",
+    "lightning.pytorch.loggers.MLFlowLogger",
     "lightning.pytorch.callbacks.LearningRateMonitor",
 })
 

@@ -290,6 +290,10 @@ def check_job_options(plain: dict, job: str) -> None:
 def check_node(where: str, node: dict) -> None:
     target = node["_target_"]
     cls = resolve_target(target, where or "the config")
+    from gencli.loggers import missing_package  # logger=wandb|mlflow without their optional package
+
+    if fix := missing_package(target):
+        raise ConfigError(fix)
     params, open_kwargs = parameters(cls)
     ranges = RANGES.get(target, {})
     partial = bool(node.get("_partial_"))

@@ -106,7 +106,11 @@ def test_every_shipped_combination_validates(compose_cfg):
     for group in ("data", "trainer", "hardware", "logger", "callbacks"):
         for option in group_options(group):
             extra = ["data.root=/any/folder"] if (group, option) == ("data", "folder") else []
-            validate(compose_cfg("train", [f"{group}={option}", *extra]), "train")
+            try:
+                validate(compose_cfg("train", [f"{group}={option}", *extra]), "train")
+            except ConfigError as err:  # logger=wandb|mlflow|many without the optional package: refused as designed
+                if group != "logger" or "pip install 'gencli[" not in err.message:
+                    raise
     with pytest.raises(ConfigError, match=r"data.root is required here \(it is null\): set data.root="):
         validate(compose_cfg("train", ["data=folder"]), "train")
     for experiment in group_options("experiment"):

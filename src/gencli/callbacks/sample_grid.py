@@ -18,6 +18,7 @@ import torch
 
 from gencli.families.base import GenerativeModel
 from gencli.io import auto_scale, image_grid, save_image_grid
+from gencli.loggers import log_image
 from gencli.nets.modes import eval_mode
 from gencli.seeds import PerImageGenerator
 
@@ -42,16 +43,19 @@ class SampleGrid(L.Callback):
             # a conditional model draws image i as class i % K (class-balanced): one column per class
             columns = pl_module.num_classes if getattr(pl_module, "conditional", False) else None
             self.last_written = save_image_grid(self.dirpath / f"{name}.png", images, nrow=columns, scale=scale)
-            for logger in trainer.loggers:  # TensorBoard shows the same grid beside the curves
-                if hasattr(getattr(logger, "experiment", None), "add_image"):
-                    grid = (image_grid(images) + 1) / 2
-                    logger.experiment.add_image("samples", grid.clamp(0, 1), trainer.global_step)
+            # TensorBoard, W&B and MLflow show the same grid beside the curves (gencli.loggers knows each one's API)
+            if trainer.loggers:
+                grid = (image_grid(images, nrow=columns) + 1) / 2
+                for logger in trainer.loggers:
+                    log_image(logger, "samples", grid, trainer.global_step)
             if self.reconstructions and pl_module.has_encoder and trainer.datamodule is not None:
                 x, y = next(iter(trainer.datamodule.val_dataloader()))
                 x = x[: min(32, self.n)].to(pl_module.device)
                 own = {"labels": y[: len(x)].to(pl_module.device)} if getattr(pl_module, "conditional", False) else {}
                 pairs = torch.stack([x, pl_module.reconstruct(x, **own)], 1).flatten(0, 1)
                 save_image_grid(self.dirpath / f"{name}_reconstructions.png", pairs, nrow=16, scale=scale)
+                for logger in trainer.loggers:
+                    log_image(logger, "reconstructions", (image_grid(pairs, nrow=16) + 1) / 2, trainer.global_step)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         # Bucket by step count rather than testing step % N == 0: with manual optimisation (GANs)

@@ -24,6 +24,7 @@ from gencli.errors import GencliError, Interrupted
 from gencli.io import write_json
 from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
+from gencli.loggers import close, log_config, log_final_metrics
 from gencli.provenance import environment
 from gencli.sweep import ranks_run_this_job
 
@@ -51,6 +52,7 @@ def train(cfg: DictConfig) -> float | None:
     # TrainingRandomState keeps the training steps' random stream apart from everything else and in checkpoints.
     callbacks = [TrainingRandomState(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    log_config(loggers, model.run_config)  # W&B / MLflow: the whole resolved config, not only the model's hparams
     checkpoint_io = SafeCheckpointIO(preloaded={str(resume.path): resume.checkpoint} if resume else None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
     try:
@@ -151,6 +153,9 @@ def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         # what a reader must know beside the metrics (e.g. that the VAE's bits/dim are not the papers' kind)
         **({"notes": notes} if (notes := getattr(trainer.lightning_module, "score_notes", list)()) else {}),
     })
+    # what metrics.json says reaches the loggers too (W&B summary, MLflow final/* metrics), then W&B's run ends
+    log_final_metrics(trainer.loggers, metrics, status, trainer.global_step)
+    close(trainer.loggers)
     if status == "completed":
         log.info("metrics: %s", ", ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())))
     for name, path in files.items():
