@@ -32,9 +32,12 @@ def test_unknown_verb(run_gencli):
 def test_train_help_and_cfg_job_behave_as_hydra(run_gencli):
     result = run_gencli("train", "--help")
     assert result.returncode == 0, describe(result)
-    groups = dict(line.split(": ", 1) for line in result.stdout.splitlines() if line.startswith(("model: ", "data: ")))
+    # gencli's own help (gencli/shell.py): '  model=   ae, ..., [vae]', the current choice in brackets
+    groups = {line.split("=", 1)[0].strip(): line.split("=", 1)[1].split("(")[0].strip().replace("[", "").replace("]", "")
+              for line in result.stdout.splitlines() if line.startswith(("  model=", "  data="))}
     assert {"ae", "vae"} <= set(groups["model"].split(", "))
     assert {"digits", "mnist", "fashion_mnist", "cifar10", "folder"} <= set(groups["data"].split(", "))
+    assert "[vae]" in result.stdout and "[digits]" in result.stdout
     result = run_gencli("train", "model=ae", "data=mnist", "trainer=gpu", "--cfg", "job")
     assert result.returncode == 0, describe(result)
     assert "gencli.families.autoencoder.Autoencoder" in result.stdout
