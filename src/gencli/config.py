@@ -32,6 +32,52 @@ def _register_resolvers() -> None:
     if not OmegaConf.has_resolver("gencli.name_or"):
         # ${gencli.name_or:${run_name},${now:...}}: the run's fixed name if it has one, else the fallback
         OmegaConf.register_new_resolver("gencli.name_or", lambda name, fallback: str(name) if name else fallback)
+    if not OmegaConf.has_resolver("gencli.cpu_or_digits"):
+        # in a defaults list: - net: ${gencli.cpu_or_digits:${trainer},${data},<small>,<large>} (conf/model/ddpm.yaml)
+        OmegaConf.register_new_resolver("gencli.cpu_or_digits", cpu_or_digits)
+    if not OmegaConf.has_resolver("gencli.first_try"):
+        # in conf/train.yaml's defaults list: - optional first_try: ${gencli.first_try:${model},...}
+        OmegaConf.register_new_resolver("gencli.first_try", first_try)
+
+
+def _group_file(group: str, option: object) -> dict:
+    """``conf/<group>/<option>.yaml`` with the keys of the configs it builds on (``- default``) under its own;
+    {} when there is no such file (an option from another config search path)."""
+    import yaml
+
+    path = config_dir() / group / f"{option}.yaml"
+    if not path.is_file():
+        return {}
+    own = yaml.safe_load(path.read_text()) or {}
+    merged: dict = {}
+    for entry in own.pop("defaults", None) or []:
+        if isinstance(entry, str) and entry != "_self_" and "/" not in entry:
+            merged.update(_group_file(group, entry))
+    return {**merged, **own}
+
+
+def trains_on_cpu_or_digits(trainer: object, data: object) -> bool:
+    """True when the trainer choice runs on a CPU (its file says ``accelerator: cpu``: trainer=cpu, the default,
+    default and ddp_cpu) or the data choice is the embedded digits: where a model's first try must stay small.
+    A trainer gencli has no file for counts as a CPU one (small is the safe guess: it trains anywhere)."""
+    accelerator = _group_file("trainer", trainer).get("accelerator", "cpu")
+    embedded = str(_group_file("data", data).get("_target_", "")).endswith(".DigitsDataModule")
+    return accelerator == "cpu" or embedded
+
+
+def cpu_or_digits(trainer: object, data: object, small: str, large: str) -> str:
+    """``small`` where the run trains on a CPU or on the embedded digits, else ``large`` (a config group option,
+    e.g. the diffusion net: the small CPU UNet for a first try, the paper's UNet on a GPU with real data)."""
+    return small if trains_on_cpu_or_digits(trainer, data) else large
+
+
+def first_try(model: object, trainer: object, data: object, experiment: object = None, search: object = None) -> str:
+    """The ``first_try`` option for a run: the model's name (``conf/first_try/<model>.yaml``, where there is one,
+    shortens its run to about a minute) when it trains on a CPU or the embedded digits and no recipe
+    (``experiment=``) or search (``hparams_search=``) sets the run up; else ``none`` (nothing changes)."""
+    if experiment is not None or search is not None or not (config_dir() / "first_try" / f"{model}.yaml").is_file():
+        return "none"
+    return cpu_or_digits(trainer, data, str(model), "none")
 
 
 _register_resolvers()

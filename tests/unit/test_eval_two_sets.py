@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gencli.metrics.features import MIN_ACCURACY, default_min_accuracy
 from conftest import describe
+from gencli.metrics.features import MIN_ACCURACY, default_min_accuracy
 
 DIGITS8 = ["data=digits", "data.image_size=8"]
 

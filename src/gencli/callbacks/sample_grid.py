@@ -16,10 +16,12 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from gencli.callbacks.progress_bar import TrainingProgressBar
 from gencli.families.base import GenerativeModel
 from gencli.io import auto_scale, image_grid, save_image_grid
 from gencli.loggers import log_image
 from gencli.nets.modes import eval_mode
+from gencli.progress import show_steps
 from gencli.seeds import PerImageGenerator
 
 
@@ -37,7 +39,11 @@ class SampleGrid(L.Callback):
     def write(self, trainer: L.Trainer, pl_module, name: str) -> None:
         if not trainer.is_global_zero or not isinstance(pl_module, GenerativeModel):
             return
-        with eval_mode(pl_module):
+        # a diffusion model's grid takes many sampler steps: shown under the training bar, or logged without a terminal
+        label = "final grid" if name == "final" else f"grid at step {trainer.global_step}"
+        bar = getattr(trainer, "progress_bar_callback", None)
+        live = bar.live_progress() if isinstance(bar, TrainingProgressBar) else None
+        with eval_mode(pl_module), show_steps(label, live):
             images = pl_module.sample(self.n, generator=PerImageGenerator.for_range(self.seed, 0, self.n))
             scale = auto_scale(images.shape[-1])
             # a conditional model draws image i as class i % K (class-balanced): one column per class
