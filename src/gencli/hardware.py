@@ -18,6 +18,15 @@ PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-
 MATMUL = ("highest", "high", "medium")
 #: How optimisers update: torch's choice (foreach on CUDA, one tensor at a time on CPU), or one of its kernels.
 OPTIMIZER_KERNELS = ("auto", "single", "foreach", "fused")
+#: torch.compile's modes ("default" is torch's own; reduce-overhead adds CUDA graphs, which cut launch overhead at 32x32).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+#: When the training step waits for the device: every step (a NaN stops the run at that step, the CPU default) or
+#: only on logging steps (the finite checks stay on the device and a non-finite step is skipped there: see
+#: callbacks.non_finite). Each wait is a GPU->CPU sync that idles the GPU between small steps.
+HOST_SYNCS = ("step", "log")
+#: Whether the training images live on the training device (as uint8, converted and flipped there): see
+#: data.base.ImageDataModule.on_device. auto = on a GPU when the set is in memory and small beside the GPU's memory.
+DATA_ON_DEVICE = ("false", "true", "auto")
 
 
 @dataclass
@@ -29,6 +38,9 @@ class HardwareSettings:
     num_workers: int = 0
     pin_memory: bool = False
     optimizer_kernel: str = "auto"
+    compile_mode: str = "default"
+    host_sync: str = "step"
+    data_on_device: str = "false"
 
     def __post_init__(self):
         self.precision = str(self.precision)
@@ -41,6 +53,16 @@ class HardwareSettings:
         if self.optimizer_kernel not in OPTIMIZER_KERNELS:
             raise ConfigError(f"hardware.optimizer_kernel={self.optimizer_kernel} is not known; use one of "
                               f"{', '.join(OPTIMIZER_KERNELS)}.")
+        if self.compile_mode not in COMPILE_MODES:
+            raise ConfigError(f"hardware.compile_mode={self.compile_mode} is not a torch.compile mode; use one of "
+                              f"{', '.join(COMPILE_MODES)}.")
+        if self.host_sync not in HOST_SYNCS:
+            raise ConfigError(f"hardware.host_sync={self.host_sync} is not known; use step (wait for the device at "
+                              "every step: the default) or log (only at logging steps, for GPUs).")
+        # YAML reads true/false as booleans; keep one spelling
+        self.data_on_device = str(self.data_on_device).lower()
+        if self.data_on_device not in DATA_ON_DEVICE:
+            raise ConfigError(f"hardware.data_on_device={self.data_on_device} is not known; use false, true or auto.")
 
     def gpu_settings(self) -> list[str]:
         """The settings of this profile that are made for a GPU (half precision, pinned memory, many workers)."""
@@ -72,6 +94,8 @@ class HardwareSettings:
         # read by the families' configure_optimizers (families.base.build_optimizer): fused Adam updates every
         # parameter in one kernel (CPU too: 10.5 -> 2.0 ms a step for the 1.1M-parameter unet_cpu), same maths
         model.optimizer_kernel = self.optimizer_kernel
+        # read by the NonFiniteGuard (callbacks.non_finite) when the trainer starts
+        model.host_sync = self.host_sync
         if self.channels_last:
             model = model.to(memory_format=torch.channels_last)
         if self.compile:
@@ -79,7 +103,7 @@ class HardwareSettings:
             # checkpoints load without compile); the training logic itself stays eager.
             for child in model.children():
                 if any(p.requires_grad for p in child.parameters()):
-                    child.compile()
+                    child.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
         return model
 
 
