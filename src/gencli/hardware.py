@@ -40,7 +40,7 @@ class HardwareSettings:
     optimizer_kernel: str = "auto"
     compile_mode: str = "default"
     host_sync: str = "step"
-    data_on_device: str = "false"
+    data_on_device: bool | str = False
 
     def __post_init__(self):
         self.precision = str(self.precision)

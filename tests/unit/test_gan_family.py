@@ -109,12 +109,12 @@ def test_ema_follows_the_generator_with_warmup():
     with torch.no_grad():
         for p in model.generator.parameters():
             p.add_(1.0)
-    model.g_steps.fill_(1)  # warm-up decay: min(0.9, 2 / 11)
+    model.set_counter("g_steps", 1)  # warm-up decay: min(0.9, 2 / 11)
     model.update_ema()
     decay = 2 / 11
     for b, e, g in zip(before, model.generator_ema.parameters(), model.generator.parameters()):
         torch.testing.assert_close(e, decay * b + (1 - decay) * g)
-    model.g_steps.fill_(1000)  # past the warm-up: the configured decay
+    model.set_counter("g_steps", 1000)  # past the warm-up: the configured decay
     before = [p.clone() for p in model.generator_ema.parameters()]
     model.update_ema()
     for b, e, g in zip(before, model.generator_ema.parameters(), model.generator.parameters()):

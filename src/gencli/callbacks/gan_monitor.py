@@ -86,7 +86,8 @@ class GANMonitor(L.Callback):
         if not getattr(pl_module, "monitor_diversity", False):
             return
         if isinstance(outputs, dict) and outputs.get("d_confident") is not None:
-            self._confident_sum += float(outputs["d_confident"])
+            # summed where it lives (on a GPU, a float() here would make every step wait for the device)
+            self._confident_sum = self._confident_sum + outputs["d_confident"].detach()
             self._confident_count += 1
         step = trainer.global_step
         bucket = step // self.every_n_steps
@@ -133,7 +134,7 @@ class GANMonitor(L.Callback):
     def check_d_wins(self, step: int) -> None:
         if self._confident_count == 0:
             return
-        confident = self._confident_sum / self._confident_count
+        confident = float(self._confident_sum) / self._confident_count
         if confident >= self.d_win_fraction:
             self._d_win_streak += 1
             self._d_win_since = self._d_win_since if self._d_win_since is not None else step

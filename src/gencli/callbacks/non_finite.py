@@ -18,6 +18,16 @@ If no checkpoint had been written yet and the weights are still finite, it write
 resume from or inspect. A family can add its own likely cause with a ``non_finite_hint()`` method
 and name the loss it is backpropagating in ``current_loss_name``.
 
+``hardware.host_sync=log`` (the ``gpu_fast`` profile): each of those checks is a GPU->CPU sync, and at 32x32
+a GPU waits on them between small steps. Then the checks stay on the device: a step whose loss or gradients are
+non-finite is skipped there (torch's fused optimisers take a ``found_inf`` flag, as under GradScaler), and so is
+every step after it, so the weights, the EMA and the step counters stay those from before the first bad step
+(BatchNorm's running statistics go on following the forward passes until the check; a NaN reaching them is
+caught by the checkpoint check below). The flags are read
+at logging steps, before every checkpoint and at the end of training; the run then stops with the same paragraph,
+naming the first bad step and the step where it was seen. Optimisers without ``found_inf`` support (not
+``hardware.optimizer_kernel=fused``) keep the per-step checks, with a warning.
+
 Under DDP a NaN can appear on one rank only (its own shard of the data). Every check is agreed on by
 all ranks (an all-reduce of one finite flag), so all ranks stop at the same point with the same
 message, naming the rank(s) that saw it; the last-good-checkpoint decision is rank 0's, broadcast, so
@@ -52,6 +62,69 @@ def all_finite(tensors) -> bool:
                for group in by_dtype.values())
 
 
+def non_finite_flag(tensors) -> Tensor | None:
+    """Like :func:`all_finite`, but the answer stays on the device: a bool tensor, True where any floating-point
+    tensor holds NaN or inf (None when there are none to look at)."""
+    floats = [t.detach() for t in tensors if isinstance(t, Tensor) and t.is_floating_point() and t.numel()]
+    if not floats:
+        return None
+    by_dtype: dict = {}
+    for t in floats:
+        by_dtype.setdefault((t.dtype, t.device), []).append(t)
+    flags = [~torch.isfinite(torch.stack(torch._foreach_norm(group, ord=float("inf")))).all()
+             for group in by_dtype.values()]
+    return torch.stack(flags).any() if len(flags) > 1 else flags[0]
+
+
+class DeviceFlags:
+    """The NonFiniteGuard's state under ``hardware.host_sync=log``, all on the training device: whether a
+    non-finite step has been seen (sticky: every later step is skipped too), the first such step, and what was
+    non-finite there."""
+
+    def __init__(self, device: torch.device, world_size: int = 1):
+        self.world_size = world_size
+        self.bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.skip = torch.zeros((), dtype=torch.bool, device=device)
+        self.first_step = torch.full((), -1, dtype=torch.long, device=device)
+        self.first_loss = torch.zeros((), dtype=torch.float32, device=device)  # the loss at the first bad step
+        self.first_loss_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.loss_bad_now = torch.zeros((), dtype=torch.bool, device=device)
+        self.loss_now = torch.zeros((), dtype=torch.float32, device=device)
+        #: the names of the losses backpropagated (``current_loss_name``), and which one was bad first
+        self.names: list[str] = []
+        self.name_now = torch.zeros((), dtype=torch.long, device=device)
+        self.first_name = torch.zeros((), dtype=torch.long, device=device)
+
+    def see_loss(self, loss: Tensor, name: str = "loss") -> None:
+        if name not in self.names:
+            self.names.append(name)
+        loss = loss.detach().float()
+        bad = ~torch.isfinite(loss).all()
+        new = bad & ~self.loss_bad_now
+        if loss.numel():
+            self.loss_now = torch.where(new, loss.flatten()[0], self.loss_now)
+        self.name_now = torch.where(new, torch.full_like(self.name_now, self.names.index(name)), self.name_now)
+        self.loss_bad_now = self.loss_bad_now | bad  # (several backwards per step under gradient accumulation)
+
+    def first_loss_name(self) -> str:
+        return self.names[int(self.first_name)] if self.names else "loss"
+
+    def see_step(self, grads_bad: Tensor | None, step: int) -> Tensor:
+        """Fold this step's flags in; returns the step's skip flag (float 0/1, what fused optimisers read)."""
+        now = self.loss_bad_now if grads_bad is None else (self.loss_bad_now | grads_bad)
+        first = now & ~self.bad
+        self.first_step = torch.where(first, torch.full_like(self.first_step, step), self.first_step)
+        self.first_loss = torch.where(first, self.loss_now, self.first_loss)
+        self.first_loss_bad = torch.where(first, self.loss_bad_now, self.first_loss_bad)
+        self.first_name = torch.where(first, self.name_now, self.first_name)
+        self.bad = self.bad | now
+        # Under DDP the gradients were all-reduced, so their flag is every rank's; a loss is one rank's own, and a
+        # rank skipping alone would leave the ranks' weights apart (its NaN reaches the others' gradients anyway).
+        self.skip = self.skip | (now if self.world_size == 1 else (grads_bad if grads_bad is not None else self.skip))
+        self.loss_bad_now = torch.zeros_like(self.loss_bad_now)
+        return self.skip.float()
+
+
 def describe_value(t: Tensor) -> str:
     t = t.detach()
     if torch.isnan(t).any():
@@ -65,13 +138,46 @@ class NonFiniteGuard(L.Callback):
         self.save_if_missing = bool(save_if_missing)
         self._batch = None
         self._failing = False
+        self._flags: DeviceFlags | None = None  # set under hardware.host_sync=log
+
+    # ----------------------------------------------------------------- where the checks run
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._flags = None
+        if getattr(pl_module, "host_sync", "step") != "log":
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        unfit = [type(o).__name__ for o in trainer.optimizers if not getattr(o, "_step_supports_amp_scaling", False)]
+        if unfit and not scaler:
+            log.warning("hardware.host_sync=log needs optimisers that can skip a step on the device (found_inf), "
+                        "and %s cannot: the finite checks run at every step instead. Set "
+                        "hardware.optimizer_kernel=fused (Adam, AdamW and SGD have such a kernel).", ", ".join(unfit))
+            return
+        self._flags = DeviceFlags(pl_module.device, trainer.world_size)
 
     # ----------------------------------------------------------------- checks
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # Kept, not checked: whether the input was finite only matters for explaining a failure (likely_cause).
         self._batch = batch
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._flags is not None:
+            from gencli.families.base import logging_step
+
+            if logging_step(trainer):
+                self.check_device_flags(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if self._flags is not None:
+            self.check_device_flags(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._flags is not None:
+            self.check_device_flags(trainer, pl_module)
+
     def on_before_backward(self, trainer, pl_module, loss: Tensor) -> None:
+        if self._flags is not None:
+            self._flags.see_loss(loss, getattr(pl_module, "current_loss_name", None) or "loss")
+            return
         finite = bool(torch.isfinite(loss.detach()).all())
         if not self.all_ranks_agree(trainer, finite):
             name = getattr(pl_module, "current_loss_name", None) or "loss"
@@ -80,7 +186,16 @@ class NonFiniteGuard(L.Callback):
             self.fail(trainer, pl_module, f"{what}{where}")
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        if not self.check_gradients or getattr(trainer.precision_plugin, "scaler", None) is not None:
+        scaler = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if self._flags is not None:
+            # float16's GradScaler skips inf steps itself (and sets found_inf): only the loss flag is kept then
+            grads = (non_finite_flag(p.grad for group in optimizer.param_groups for p in group["params"])
+                     if self.check_gradients and not scaler else None)
+            skip = self._flags.see_step(grads, trainer.global_step)
+            if not scaler:
+                optimizer.found_inf = skip  # read by torch's fused step: no update where 1, decided on the device
+            return
+        if not self.check_gradients or scaler:
             return
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         finite = all_finite(grads)
@@ -92,14 +207,35 @@ class NonFiniteGuard(L.Callback):
     def on_save_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         if self._failing:
             return
-        bad = [k for k, v in checkpoint.get("state_dict", {}).items()
-               if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
+        if self._flags is not None:
+            self.check_device_flags(trainer, pl_module)  # a skipped step is never saved as a good one
+        state = checkpoint.get("state_dict", {})
+        bad = [] if all_finite(state.values()) else [
+            k for k, v in state.items() if isinstance(v, Tensor) and v.is_floating_point() and not torch.isfinite(v).all()]
         if trainer.world_size > 1:
             # Every rank builds the checkpoint and rank 0 writes its own: rank 0's verdict is everyone's.
             bad = trainer.strategy.broadcast(bad, src=0)
         if bad:
             self.fail(trainer, pl_module, f"the weights hold NaN or inf values ({', '.join(bad[:3])}"
                       f"{' ...' if len(bad) > 3 else ''}), so this checkpoint was not written")
+
+    def check_device_flags(self, trainer, pl_module) -> None:
+        """Read the device flags (one sync) and stop the run if a step was non-finite (see DeviceFlags)."""
+        flags = self._flags
+        bad = bool(flags.bad)
+        if self.all_ranks_agree(trainer, not bad):
+            return
+        first = int(flags.first_step)
+        name = flags.first_loss_name()
+        if bool(flags.first_loss_bad):
+            what = f"the {name} was {describe_value(flags.first_loss)} at step {first}"
+        elif bad:
+            what = f"the gradient of the {name} held NaN or inf values at step {first} (the loss itself was finite)"
+        else:
+            what = "a step was NaN or inf"
+        skipped = ("; that step and every one after it were skipped on the device (hardware.host_sync=log reads its "
+                   "checks at logging steps), so the weights are those from before it")
+        self.fail(trainer, pl_module, f"{what}{self.where(trainer, not bad)}{skipped if bad else ''}")
 
     # ----------------------------------------------------------------- DDP
     @staticmethod

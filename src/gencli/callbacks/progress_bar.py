@@ -10,6 +10,7 @@ from lightning.pytorch.callbacks.progress.rich_progress import ProcessingSpeedCo
 from rich.progress import Progress, ProgressColumn
 from rich.text import Text
 
+from gencli.families.base import logging_step
 from gencli.progress import RunETA, format_duration, rate
 
 
@@ -52,6 +53,16 @@ class TrainingProgressBar(RichProgressBar):
         super().__init__(*args, **kwargs)
         self.eta = RunETA(window_s=self.ETA_WINDOW_S)
         self._time_left = RunTimeLeft()
+        self._shown_metrics: dict | None = None
+        self._metrics_due = True
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        """Lightning's metrics for the bar, read again only on logging steps (families.base.logging_step) and outside
+        training batches: the training scalars change only there, and reading them (a tensor -> float each) makes the
+        CPU wait for the GPU at every step."""
+        if self._metrics_due or self._shown_metrics is None:
+            self._shown_metrics = super().get_metrics(trainer, pl_module)
+        return self._shown_metrics
 
     def _get_train_description(self, current_epoch: int) -> str:
         description = super()._get_train_description(current_epoch)
@@ -74,7 +85,9 @@ class TrainingProgressBar(RichProgressBar):
         self.eta.update(now, done)
         limited = bool(done) or time_left is not None
         self._time_left.text = f"ETA {format_duration(self.eta.remaining(now, time_left))}" if limited else ""
+        self._metrics_due = logging_step(trainer)
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # (creates the row on a resume)
+        self._metrics_due = True
         self._time_left.task_id = self.train_progress_bar_id
 
     def live_progress(self) -> Progress | None:

@@ -74,13 +74,15 @@ class GenerativeModel(L.LightningModule):
 
     # ----------------------------------------------------------------- every rank, the same run
     def setup(self, stage: str) -> None:
-        """Under DDP: check that every rank was started with the same run config, before any step.
+        """Check the training labels once (:meth:`check_data_labels`), and under DDP that every rank was started
+        with the same run config, before any step.
 
         Ranks that rebuild their config from a command line (Lightning's DDP launcher, a sweep that a
         rank re-ran as a sweep of its own) could train other hyper-parameters while averaging gradients
         with each other, silently. Each rank logs its config's hash; a difference stops the run on every rank.
         """
         trainer = self._trainer
+        self.check_data_labels(getattr(trainer, "datamodule", None) if trainer is not None else None)
         if trainer is None or trainer.world_size < 2 or not isinstance(self.run_config, dict):
             return
         import hashlib
@@ -108,6 +110,35 @@ class GenerativeModel(L.LightningModule):
                 "model. Start the ranks with the same overrides (under SLURM or torchrun, the same command on "
                 "every node); in a sweep, use gencli's own multirun (each job's ranks run that job's overrides)."
             )
+
+    # ----------------------------------------------------------------- step counters without host syncs
+    def counter(self, name: str) -> int:
+        """The value of the step-counter buffer ``name`` (``ema_updates``, ``d_steps``...), from a host copy: the
+        buffer lives on the training device and travels in checkpoints, but reading it (``int(buffer)``) would make
+        the CPU wait for the GPU at every step. Read once, then kept in step by :meth:`count_up`."""
+        counts = self.__dict__.setdefault("_host_counts", {})
+        if name not in counts:
+            counts[name] = int(getattr(self, name))
+        return counts[name]
+
+    def count_up(self, name: str, skipped: Tensor | None = None) -> int:
+        """Add one to the counter buffer ``name`` (on its device, no sync) and to its host copy; returns the new value.
+        ``skipped``: the step's found_inf flag (families.ema.skipped_flag): a step skipped on the device is not
+        counted in the buffer (the host copy runs ahead then, until the guard stops the run at its next check)."""
+        value = self.counter(name) + 1
+        getattr(self, name).add_(1 if skipped is None else (1 - skipped).to(getattr(self, name).dtype))
+        self._host_counts[name] = value
+        return value
+
+    def set_counter(self, name: str, value: int) -> None:
+        """Set the counter buffer ``name`` and its host copy (writing the buffer alone would leave the copy behind)."""
+        getattr(self, name).fill_(int(value))
+        self.__dict__.setdefault("_host_counts", {})[name] = int(value)
+
+    def load_state_dict(self, state_dict, *args: Any, **kwargs: Any):
+        # a checkpoint (a resume, sample/eval) brings its own counters: the host copies are read again from the buffers
+        self.__dict__.pop("_host_counts", None)
+        return super().load_state_dict(state_dict, *args, **kwargs)
 
     # ----------------------------------------------------------------- the interface
     @torch.no_grad()
@@ -199,18 +230,38 @@ class GenerativeModel(L.LightningModule):
 
     def batch_labels(self, batch: Any) -> Tensor | None:
         """A training/validation batch's labels for a conditional model (None otherwise); unlabelled images (-1)
-        are refused with the fix."""
+        are refused with the fix. Labels that :meth:`check_data_labels` already checked for the whole data set are
+        not looked at again: on a GPU each look is a sync that stalls the step."""
         if not self.conditional:
             return None
         labels = batch[1]
+        if not getattr(self, "_labels_checked", False):
+            self.check_labels_in_range(labels, "a batch holds")
+        return labels
+
+    def check_data_labels(self, datamodule: Any) -> None:
+        """A conditional model's training and validation labels, all checked at once before the first step (one
+        look at the in-memory label tensors of gencli's data modules), so batches need no check of their own."""
+        self._labels_checked = False
+        if not self.conditional or datamodule is None:
+            return
+        sets = [getattr(datamodule, name, None) for name in ("train_set", "val_set")]
+        labels = [getattr(d, "labels", None) for d in sets]
+        if not labels or not all(isinstance(t, Tensor) for t in labels):
+            return  # another kind of data module: every batch is checked instead
+        for name, t in zip(("training", "validation"), labels):
+            if len(t):
+                self.check_labels_in_range(t, f"the {name} data holds")
+        self._labels_checked = True
+
+    def check_labels_in_range(self, labels: Tensor, where: str) -> None:
         if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
             raise ConfigError(
-                f"a batch holds labels {sorted(set(labels.tolist()))[:8]}, outside this conditional model's classes "
+                f"{where} labels {sorted(set(labels.unique().tolist()))[:8]}, outside this conditional model's classes "
                 f"0..{self.num_classes - 1}: the data has unlabelled images (-1: images directly under data.root) or "
                 "other classes than the model was built for. Put every image in a class subfolder, or set "
                 "model.conditional=false."
             )
-        return labels
 
     def conditioning_info(self) -> dict[str, Any]:
         """What sampling_info reports about classes (empty for an unconditional model)."""

@@ -34,7 +34,7 @@ from gencli.diffusion.samplers import DDIMSampler, Sampler
 from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel
-from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights, skipped_flag
 from gencli.nets.modes import eval_mode
 from gencli.seeds import SampleGenerator
 
@@ -357,15 +357,16 @@ class Diffusion(GenerativeModel):
         self.log_step({"train/loss": loss}, prog_bar=("train/loss",))
         return loss
 
-    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         # The EMA follows each optimiser step (once per step, also with gradient accumulation) here rather than
         # in on_train_batch_end: callbacks run before that hook, so a checkpoint written at a step boundary
         # (every_n_steps, preemption) would hold weights one EMA update ahead of their average.
-        super().optimizer_step(*args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         if self.net_ema is None:
             return
-        decay = ema_update(self.net_ema, self.net, self.ema_decay, int(self.ema_updates))
-        self.ema_updates += 1
+        skipped = skipped_flag(optimizer)
+        decay = ema_update(self.net_ema, self.net, self.ema_decay, self.counter("ema_updates"), skipped)
+        self.count_up("ema_updates", skipped)
         self.log_step({"train/ema_decay": decay})
 
     def validation_step(self, batch, batch_idx):

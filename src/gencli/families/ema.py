@@ -35,13 +35,31 @@ def warmed_up_decay(decay: float, updates: int) -> float:
 
 
 @torch.no_grad()
-def ema_update(ema: nn.Module, net: nn.Module, decay: float, updates: int) -> float:
-    """Move ``ema`` toward ``net`` (after ``updates`` earlier updates); returns the decay used."""
+def ema_update(ema: nn.Module, net: nn.Module, decay: float, updates: int, skipped: torch.Tensor | None = None) -> float:
+    """Move ``ema`` toward ``net`` (after ``updates`` earlier updates); returns the decay used.
+
+    ``skipped``: the optimiser's ``found_inf`` flag (a 0-d float tensor on the device, 1 when the step just taken
+    was skipped there because it was non-finite: see callbacks.non_finite): then the EMA stays where it was too,
+    decided on the device without a sync."""
     d = warmed_up_decay(decay, updates)
-    torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in net.parameters()], 1.0 - d)
+    targets = [p.detach() for p in net.parameters()]
+    if skipped is None:
+        torch._foreach_lerp_(list(ema.parameters()), targets, 1.0 - d)
+    else:
+        weight = (1.0 - skipped.to(targets[0].dtype)) * (1.0 - d)
+        torch._foreach_lerp_(list(ema.parameters()), targets, [weight] * len(targets))
     for b_ema, b in zip(ema.buffers(), net.buffers()):
         b_ema.copy_(b)
     return d
+
+
+def skipped_flag(optimizer) -> torch.Tensor | None:
+    """The ``found_inf`` flag the optimiser's last step was given (torch's fused optimisers skip a step on the device
+    when it is 1; the NonFiniteGuard sets it under ``hardware.host_sync=log``), or None. A LightningOptimizer is
+    looked through to the optimiser it wraps."""
+    optimizer = getattr(optimizer, "optimizer", optimizer)
+    flag = getattr(optimizer, "found_inf", None)
+    return flag if isinstance(flag, torch.Tensor) else None
 
 
 def pick_weights(raw: nn.Module, ema: nn.Module | None, use_ema: bool | None, what: str) -> nn.Module:

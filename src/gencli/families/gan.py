@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from gencli.errors import ConfigError
 from gencli.families.base import GenerativeModel, build_optimizer
-from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights
+from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights, skipped_flag
 from gencli.nets.modes import eval_mode
 from gencli.seeds import SampleGenerator
 
@@ -293,7 +293,7 @@ class GAN(GenerativeModel):
         # each image with its label
         labels = self.batch_labels(batch)
         opt_g, opt_d = self.optimizers()
-        g_turn = (int(self.d_steps) + 1) % self.n_critic == 0
+        g_turn = (self.counter("d_steps") + 1) % self.n_critic == 0
         z = torch.randn(len(real), self.latent_dim, device=real.device)
         with torch.set_grad_enabled(g_turn):
             fake = self.generate(self.generator, z, labels)
@@ -316,7 +316,7 @@ class GAN(GenerativeModel):
         opt_d.zero_grad(set_to_none=True)
         self.backward_named("discriminator loss", d_loss)
         opt_d.step()
-        self.d_steps += 1
+        self.count_up("d_steps", skipped_flag(opt_d))
         logs["train/d_loss"] = d_loss.detach()
 
         # ---- generator step, every n_critic-th batch, against the updated discriminator
@@ -327,16 +327,16 @@ class GAN(GenerativeModel):
             self.backward_named("generator loss", g_loss)
             opt_g.step()
             self.untoggle_optimizer(opt_g)
-            self.g_steps += 1
-            self.update_ema()
+            self.count_up("g_steps", skipped_flag(opt_g))
+            self.update_ema(skipped_flag(opt_g))
             logs["train/g_loss"] = g_loss.detach()
         self.log_step(logs, prog_bar=("train/d_loss", "train/g_loss"))
         # For the GANMonitor callback (Lightning hands this dict to on_train_batch_end).
         return {"d_acc": logs["train/d_acc"], "d_confident": confident}
 
-    def update_ema(self) -> None:
+    def update_ema(self, skipped: Tensor | None = None) -> None:
         if self.generator_ema is not None:
-            ema_update(self.generator_ema, self.generator, self.ema_decay, int(self.g_steps))
+            ema_update(self.generator_ema, self.generator, self.ema_decay, self.counter("g_steps"), skipped)
 
     def non_finite_hint(self) -> str:
         """Family-specific likely cause, for the NonFiniteGuard's message."""
