@@ -160,6 +160,8 @@ class TrainJob:
     optimized_metric: str | None
     resume: str | None
     sweep: dict
+    lr_scaling: Literal["none", "linear", "sqrt"]
+    lr_reference_batch: Annotated[int, POSITIVE] | None
 
 
 @dataclass

@@ -274,6 +274,7 @@ class ImageDataModule(L.LightningDataModule):
         random_flip: bool = False,
         max_images: int | None = None,
         on_device: bool | str = False,
+        global_batch_size: int | None = None,
     ):
         super().__init__()
         if channels not in (1, 3):
@@ -285,6 +286,11 @@ class ImageDataModule(L.LightningDataModule):
         self.image_size = int(image_size)
         self.channels = int(channels)
         self.batch_size = int(batch_size)
+        if global_batch_size is not None and int(global_batch_size) < 1:
+            raise ConfigError(f"data.global_batch_size={global_batch_size} must be a positive integer, or null.")
+        #: the batch over all devices and accumulated micro-batches; when set, the train job derives batch_size
+        #: from it (gencli.scaling)
+        self.global_batch_size = None if global_batch_size is None else int(global_batch_size)
         self.num_workers = int(num_workers)
         self.pin_memory = bool(pin_memory)
         self.val_fraction = float(val_fraction)

@@ -26,6 +26,7 @@ from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
 from gencli.loggers import close, log_config, log_final_metrics
 from gencli.provenance import environment
+from gencli.scaling import apply_batch_plan
 from gencli.sweep import ranks_run_this_job
 
 log = logging.getLogger(__name__)
@@ -52,9 +53,11 @@ def train(cfg: DictConfig) -> float | None:
     # TrainingRandomState keeps the training steps' random stream apart from everything else and in checkpoints.
     callbacks = [TrainingRandomState(), *(instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None)]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    log_config(loggers, model.run_config)  # W&B / MLflow: the whole resolved config, not only the model's hparams
     checkpoint_io = SafeCheckpointIO(preloaded={str(resume.path): resume.checkpoint} if resume else None)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, plugins=[checkpoint_io])
+    # the per-device batch and the learning rates for this many devices (data.global_batch_size, lr_scaling)
+    apply_batch_plan(cfg, trainer, datamodule, model)
+    log_config(loggers, model.run_config)  # W&B / MLflow: the whole resolved config, not only the model's hparams
     try:
         # ranks Lightning starts from here know their launcher (jobs.common.run_job) and run this job, not a sweep
         with launcher_mark(), ranks_run_this_job(cfg.paths.output_dir):
