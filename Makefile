@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 # torch/torchvision are pinned in pyproject.toml; pip's quiet mode hides the resolver chatter.
 PIP_FLAGS ?= -q --disable-pip-version-check
 
-.PHONY: install run test test-fast test-slow lint bench clean
+.PHONY: install run test test-fast test-slow test-all lint bench clean
 
 install: $(BIN)/gencli
 
@@ -19,15 +19,21 @@ $(BIN)/gencli: pyproject.toml
 run: install
 	$(BIN)/gencli train
 
-# The whole suite, slow end-to-end runs included (what CI runs), in TEST_WORKERS processes; each
-# test file stays on one worker (--dist loadfile) so its module-scoped training runs happen once.
+# The test suite, in TEST_WORKERS processes; each test file stays on one worker (--dist loadfile) so its
+# module-scoped training runs happen once. A bare pytest leaves out the end-to-end runs marked slow (tests/conftest.py):
+# `make test` takes a few minutes on 2 cores, `make test-slow` runs the slow ones, `make test-all` both (CI: .ci/run).
 TEST_WORKERS ?= 2
 test: install
 	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
-# Unit and fast CLI tests only.
-test-fast: install
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+# The end-to-end runs: train -> sample -> eval for every family, DDP, sweeps, kill and resume.
+test-slow: install
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m slow
+
+test-all: test test-slow
+
+# (the old name of `make test`)
+test-fast: test
 
 lint: install
 	$(BIN)/ruff check src tests scripts

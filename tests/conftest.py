@@ -31,6 +31,42 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true", help="also run the tests marked slow (end-to-end runs)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Fast by default: a bare ``pytest`` (what ``make test`` runs) leaves out the tests marked slow, the end-to-end
+    runs that ``make test-slow`` and CI run. Naming tests or files on the command line, ``-m ...`` or ``--run-slow``
+    runs what was asked for."""
+    if config.getoption("--run-slow") or config.getoption("markexpr") or not default_selection(config):
+        return
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if slow:
+        config.hook.pytest_deselected(items=slow)
+        items[:] = [item for item in items if not item.get_closest_marker("slow")]
+
+
+def default_selection(config) -> bool:
+    """Whether pytest runs its configured testpaths (no paths or test ids given), also in an xdist worker."""
+    worker_input = getattr(config, "workerinput", None)
+    if worker_input is not None:  # xdist workers get the controller's arguments explicitly
+        return bool(worker_input.get("gencli_default_selection"))
+    return config.args_source == pytest.Config.ArgsSource.TESTPATHS
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """(xdist) Tell each worker whether the controller runs the default selection."""
+    node.workerinput["gencli_default_selection"] = default_selection(node.config)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if default_selection(config) and not (config.getoption("--run-slow") or config.getoption("markexpr")):
+        terminalreporter.write_line("the end-to-end tests marked slow were left out: `make test-slow` runs them "
+                                    "(CI runs both)")
+
+
 # Small and fast everywhere: a couple of epochs, tiny batches, no progress bar noise.
 FAST_TRAIN = [
     "trainer.max_epochs=2",
