@@ -109,6 +109,28 @@ def test_ddp_cpu_two_processes_one_run_directory(run_gencli, tmp_path):
 
 
 @pytest.mark.slow
+def test_ddp_with_torch_compile_and_a_global_batch(run_gencli, tmp_path):
+    """trainer=ddp_cpu with hardware.compile=true (each rank compiles its nets inside the DDP wrapper) and a global
+    batch of 16 over 2 ranks x 2 accumulated micro-batches: 4 images per device and step, the paper-style split."""
+    from gencli.io import load_checkpoint
+
+    result = run_gencli("train", "trainer=ddp_cpu", "model=vae", "data.image_size=8", "callbacks=minimal",
+                        "callbacks.sample_grid.n=4", "hardware.compile=true", "data.global_batch_size=16",
+                        "trainer.accumulate_grad_batches=2", "trainer.max_steps=3", "trainer.max_epochs=-1",
+                        "trainer.limit_val_batches=2", f"hydra.run.dir={tmp_path / 'run'}")
+    assert result.returncode == 0, describe(result)
+    assert "global batch 16 (4 per device x 2 device(s) x 2 accumulated)" in result.stdout + result.stderr
+    checkpoint = load_checkpoint(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 3
+    assert not [k for k in checkpoint["state_dict"] if "_orig_mod" in k]  # loads without compile
+    stored = checkpoint["gencli"]["config"]
+    assert stored["data"]["batch_size"] == 4 and stored["batch"]["world_size"] == 2
+    result = run_gencli("sample", f"ckpt={tmp_path / 'run' / 'checkpoints' / 'last.ckpt'}", "n=4",
+                        f"hydra.run.dir={tmp_path / 'sample'}")
+    assert result.returncode == 0, describe(result)
+
+
+@pytest.mark.slow
 def test_sample_and_eval_against_another_data_set(run_gencli, tmp_path, mnist_root):
     run_dir = tmp_path / "train"
     result = run_gencli("train", "model=ae", *FAST_TRAIN, "trainer.max_epochs=1", "data.image_size=8",
