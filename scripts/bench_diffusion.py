@@ -9,12 +9,15 @@ Training rows: the real model config (model=ddpm with model/net=NET, or model=ld
 the latents of an untrained ae built from the configs), trained by a real Lightning Trainer on random
 images held in memory, so data loading is excluded; images/s after ``--warmup`` batches.
 Sampling rows: ``--sample-n`` images in one batch through each sampler (ddpm = all 1000 steps;
-ddimK = DDIM with K steps, eta 0), reported as seconds per image and network evaluations per second.
+ddimK = DDIM with K steps, eta 0), reported as seconds per image and network evaluations per second; ``--hardware``
+reaches sampling as ``gencli sample`` applies it (gencli.sampling_hardware, where this gencli has it), and a 2-step
+warm-up at the same batch size comes first, so a compiled denoiser is not timed compiling.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import time
 
@@ -28,8 +31,10 @@ from benchlib import Clock, bench_trainer, compose_train, device_name, markdown_
 from gencli.diffusion.samplers import DDIMSampler, DDPMSampler
 
 
-def build_model(net: str, args):
-    data = [f"data.image_size={args.size}", f"data.channels={args.channels}", f"hardware={args.hardware}"]
+def build_model(net: str, args, apply: bool = True):
+    """The model and its config; ``apply``: with the hardware profile applied for training (layout, compile)."""
+    data = [f"data.image_size={args.size}", f"data.channels={args.channels}", f"hardware={args.hardware}",
+            *getattr(args, "overrides", [])]  # more config overrides (scripts/gpu_check.py: hardware.compile=false)
     if net == "ldm":
         ae_cfg = compose_train(["model=ae", *data])
         first_stage = json.dumps({"model": OmegaConf.to_container(ae_cfg.model, resolve=True)})
@@ -37,40 +42,74 @@ def build_model(net: str, args):
         cfg.model.first_stage_config = first_stage
     else:
         cfg = compose_train(["model=ddpm", f"model/net={net}", *data])
-    hardware = instantiate(cfg.hardware)
-    return hardware.apply(instantiate(cfg.model)), cfg
+    model = instantiate(cfg.model)
+    return (instantiate(cfg.hardware).apply(model) if apply else model), cfg
 
 
-def train_throughput(net: str, args) -> list:
+def sampling_context(model, cfg, args):
+    """Where ``hardware=`` reaches sampling the way ``gencli sample``/``eval`` apply it (gencli.sampling_hardware:
+    the sampling net alone, autocast, layout, compile), else nothing (a gencli without it: the profile was applied
+    for training instead, as before). Returns (context, how)."""
+    try:
+        from gencli.sampling_hardware import sampling_hardware
+    except ImportError:
+        return contextlib.nullcontext(), "hardware.apply (training-side; no gencli.sampling_hardware)"
+    return (sampling_hardware(instantiate(cfg.hardware), model, args.device, profile=args.hardware),
+            "gencli.sampling_hardware")
+
+
+def train_measure(net: str, args) -> dict:
+    """One training throughput measurement as numbers (scripts/gpu_check.py reads these); ``args.strategy``, when
+    present, is handed to the Trainer (e.g. a one-device DDPStrategy, to measure the wrapper's cost)."""
     model, cfg = build_model(net, args)
     n = args.batch_size * (args.steps + args.warmup)
     images = torch.rand(n, args.channels, args.size, args.size) * 2 - 1
     loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=args.batch_size, drop_last=True,
                         pin_memory=args.device == "cuda")
     clock = Clock(args.warmup)
-    bench_trainer(args.device, cfg.hardware.precision, clock).fit(model, train_dataloaders=loader)
+    bench_trainer(args.device, cfg.hardware.precision, clock, strategy=getattr(args, "strategy", None)).fit(
+        model, train_dataloaders=loader)
     seconds = clock.stop - clock.start
     timed = clock.batches - args.warmup
     params = sum(p.numel() for p in model.net.parameters())
-    return [net, f"{params / 1e6:.2f}M", args.batch_size, f"{timed * args.batch_size / seconds:.1f}",
-            f"{1000 * seconds / timed:.0f}"]
+    return {"net": net, "params": params, "batch": args.batch_size, "timed_steps": timed,
+            "images_per_s": timed * args.batch_size / seconds, "ms_per_batch": 1000 * seconds / timed}
 
 
-def sampling_time(net: str, name: str, args) -> list:
-    model, _ = build_model(net, args)
+def train_throughput(net: str, args) -> list:
+    m = train_measure(net, args)
+    return [net, f"{m['params'] / 1e6:.2f}M", args.batch_size, f"{m['images_per_s']:.1f}", f"{m['ms_per_batch']:.0f}"]
+
+
+def sampling_measure(net: str, name: str, args) -> dict:
+    """One sampling measurement as numbers: ``args.sample_n`` images in one batch, after a 2-step warm-up at the same
+    batch size (``args.sample_warmup_n`` if set), so that a compiled or graphed denoiser is not timed compiling."""
+    try:
+        import gencli.sampling_hardware  # noqa: F401
+        model, cfg = build_model(net, args, apply=False)
+    except ImportError:
+        model, cfg = build_model(net, args)
     model = model.to(args.device).eval()
     sampler = DDPMSampler() if name == "ddpm" else DDIMSampler(steps=int(name.removeprefix("ddim")), eta=0.0)
     steps = len(sampler.timesteps(model.schedule))
     generator = torch.Generator().manual_seed(0)
-    model.sample(2, generator, sampler=DDIMSampler(steps=2))  # warm-up
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    model.sample(args.sample_n, generator, sampler=sampler)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    return [net, name, steps, args.sample_n, f"{seconds / args.sample_n:.3f}", f"{steps / seconds:.1f}"]
+    context, how = sampling_context(model, cfg, args)
+    with context:
+        model.sample(getattr(args, "sample_warmup_n", 0) or args.sample_n, generator, sampler=DDIMSampler(steps=2))
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.sample(args.sample_n, generator, sampler=sampler)
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"net": net, "sampler": name, "steps": steps, "images": args.sample_n, "seconds": seconds,
+            "s_per_image": seconds / args.sample_n, "net_evals_per_s": steps / seconds, "hardware_path": how}
+
+
+def sampling_time(net: str, name: str, args) -> list:
+    m = sampling_measure(net, name, args)
+    return [net, name, m["steps"], args.sample_n, f"{m['s_per_image']:.3f}", f"{m['net_evals_per_s']:.1f}"]
 
 
 def main() -> None:
@@ -86,6 +125,8 @@ def main() -> None:
     parser.add_argument("--samplers", default="ddpm,ddim50,ddim20,ddim10")
     parser.add_argument("--sample-net", default="unet_cpu")
     parser.add_argument("--sample-n", type=int, default=16, help="images per sampling measurement (one batch)")
+    parser.add_argument("--sample-warmup-n", type=int, default=0,
+                        help="images in the 2-step warm-up before each sampling measurement (0: --sample-n)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = parser.parse_args()
     if args.threads > 0:

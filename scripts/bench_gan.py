@@ -31,16 +31,35 @@ def build(loss: str, args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoa
         f"data.channels={args.channels}", f"model.generator.base_channels={args.base_channels}",
         f"model.discriminator.base_channels={args.base_channels}", f"model.latent_dim={args.latent_dim}",
     ]
+    return build_from(overrides, args)
+
+
+def build_from(overrides: list[str], args) -> tuple[L.LightningModule, L.Trainer, Clock, DataLoader]:
+    """The model of ``conf/train.yaml`` with ``overrides`` (a preset as above, or a recipe such as
+    ``experiment=dcgan_cifar10``, whose batch size then comes from its data config), its Trainer, clock and data."""
     cfg = compose_train(overrides)
     hardware = instantiate(cfg.hardware)
     model = hardware.apply(instantiate(cfg.model))
-    n = args.batch_size * (args.steps + args.warmup)
-    images = torch.rand(n, args.channels, args.size, args.size) * 2 - 1
-    loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=args.batch_size, shuffle=False,
+    batch_size = args.batch_size or int(cfg.data.batch_size)
+    size, channels = int(cfg.data.image_size), int(cfg.data.channels)
+    n = batch_size * (args.steps + args.warmup)
+    images = torch.rand(n, channels, size, size) * 2 - 1
+    loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=batch_size, shuffle=False,
                         drop_last=True, pin_memory=args.device == "cuda")
     clock = Clock(args.warmup)
     trainer = bench_trainer(args.device, cfg.hardware.precision, clock)
     return model, trainer, clock, loader
+
+
+def measure(model, trainer: L.Trainer, clock: Clock, loader: DataLoader, args) -> dict:
+    """Train over ``loader`` and return the rates: real images/s, generator steps/s, ms per batch."""
+    trainer.fit(model, train_dataloaders=loader)
+    seconds = clock.stop - clock.start
+    timed = clock.batches - args.warmup
+    g_steps = sum(1 for b in range(args.warmup, clock.batches) if (b + 1) % model.n_critic == 0)
+    return {"n_critic": model.n_critic, "batch": loader.batch_size, "timed_steps": timed,
+            "images_per_s": timed * loader.batch_size / seconds, "g_steps_per_s": g_steps / seconds,
+            "ms_per_batch": 1000 * seconds / timed}
 
 
 def main() -> None:
@@ -66,13 +85,8 @@ def main() -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     rows = []
     for loss in args.losses.split(","):
-        model, trainer, clock, loader = build(loss, args)
-        trainer.fit(model, train_dataloaders=loader)
-        seconds = clock.stop - clock.start
-        timed = clock.batches - args.warmup
-        g_steps = sum(1 for b in range(args.warmup, clock.batches) if (b + 1) % model.n_critic == 0)
-        rows.append((loss, PRESETS[loss], model.n_critic, timed * args.batch_size / seconds, g_steps / seconds,
-                     1000 * seconds / timed))
+        m = measure(*build(loss, args), args)
+        rows.append((loss, PRESETS[loss], m["n_critic"], m["images_per_s"], m["g_steps_per_s"], m["ms_per_batch"]))
 
     device = device_name(args.device)
     print(f"\nGAN training throughput: {args.size}x{args.size}x{args.channels}, batch {args.batch_size}, "

@@ -39,10 +39,12 @@ class Clock(L.Callback):
         self.stop = time.perf_counter()
 
 
-def bench_trainer(device: str, precision: str, clock: Clock) -> L.Trainer:
-    """A bare Lightning Trainer for one epoch over in-memory data: no logging, checkpoints or progress bar."""
+def bench_trainer(device: str, precision: str, clock: Clock, strategy=None) -> L.Trainer:
+    """A bare Lightning Trainer for one epoch over in-memory data: no logging, checkpoints or progress bar.
+    ``strategy``: Lightning's (None: "auto"), e.g. a one-device DDPStrategy to measure what the DDP wrapper costs."""
     return L.Trainer(
         accelerator="gpu" if device == "cuda" else "cpu", devices=1, precision=precision, max_steps=-1,
+        strategy=strategy if strategy is not None else "auto",
         max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[clock], num_sanity_val_steps=0, limit_val_batches=0,
     )
