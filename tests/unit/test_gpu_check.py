@@ -1,0 +1,101 @@
+"""scripts/gpu_check.py, the one prepared GPU check of issue 14, runs end to end on a CPU at tiny sizes, and its table
+and ratios are computed from whatever the parts measured (a failed or missing measurement is a cell, not a crash)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "scripts" / "gpu_check.py"
+
+
+def load_gpu_check():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    return gpu_check
+
+
+def finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+@pytest.mark.slow
+def test_tiny_cpu_run_writes_the_table_and_json(tmp_path):
+    """Parts c (sampling) and b (GANs: gencli's bench_gan path against peers/plain_gan.py), each in its worker."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--parts", "c,b", "--out",
+                           str(tmp_path)], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    meta = report["meta"]
+    for key in ("device", "torch", "lightning", "python", "gencli_commit", "sizes", "date"):
+        assert meta.get(key), key
+    assert meta["tiny"] is True and meta["device_kind"] == "cpu" and meta["parts"] == ["c", "b"]
+    assert set(report["parts"]) == {"c", "b"}
+    assert all(p["status"] == "ok" for p in report["parts"].values()), report["parts"]
+
+    c = report["parts"]["c"]["results"]
+    for setting in ("gencli_fast", "gencli_default"):
+        assert c[setting]["sampler"] == "ddim50" and c[setting]["steps"] == 50
+        assert finite(c[setting]["s_per_image"]) and finite(c[setting]["net_evals_per_s"])
+    b = report["parts"]["b"]["results"]
+    for exp in ("dcgan_cifar10", "wgan_gp_cifar10"):
+        for setting in ("fast", "eager"):
+            gencli, plain = b[f"{exp}_gencli_{setting}"], b[f"{exp}_plain_{setting}"]
+            assert finite(gencli["images_per_s"]) and finite(plain["images_per_s"])
+            assert gencli["batch"] == plain["batch"] == 16 and gencli["n_critic"] == plain["n_critic"]
+            assert finite(report["derived"][f"b_ratio_{exp}_{setting}"])
+    assert b["wgan_gp_cifar10_plain_fast"]["n_critic"] == 5
+    assert finite(report["derived"]["c_speedup_fast_vs_default"])
+
+    table = (tmp_path / "results.md").read_text()
+    assert "| part | measurement |" in table and "| c | DDIM-50 sampling" in table
+    assert table.count("| b | `") == 4 and "| a |" not in table
+    assert (tmp_path / "gpu_check.log").read_text().count("[gpu_check]") > 10
+
+
+def test_ratios_mfu_and_table_from_partial_results():
+    gpu_check = load_gpu_check()
+    args = type("A", (), {"tiny": False})()
+    report = {
+        "meta": {"device": "NVIDIA H100 80GB HBM3", "device_kind": "cuda", "tiny": False, "compile": True,
+                 "torch": "2.11.0", "lightning": "2.6.6", "cuda": "13.0", "cudnn": 91000, "python": "3.12.3",
+                 "gencli_commit": "abc", "date": "today", "peak_tflops": 790.0, "parts": ["a", "c", "d"],
+                 "sizes": gpu_check.sizes(args)},
+        "parts": {
+            "a": {"status": "timeout", "error": "stopped", "seconds": 270.0, "budget_s": 270.0, "results": {
+                "gencli_fast": {"images_per_s": 1897.5, "params": 35_746_307, "wall_s": 80},
+                "peer_fast": {"images_per_s": 1967.8, "ddim50": {"s_per_image": 0.004, "images": 256}, "wall_s": 90},
+                "gencli_eager": {"error": "RuntimeError: boom", "traceback": "...", "wall_s": 3},
+                "flops": {"gencli_forward_gflop_per_image": 12.4, "peer_forward_gflop_per_image": 12.4},
+            }},
+            "c": {"status": "ok", "error": None, "seconds": 20.0, "budget_s": 60.0, "results": {
+                "gencli_fast": {"s_per_image": 0.003, "wall_s": 5}, "gencli_default": {"s_per_image": 0.009}}},
+            "d": {"status": "ok", "error": None, "seconds": 90.0, "budget_s": 150.0, "results": {
+                "no_ddp": {"images_per_s": 2000.0}, "ddp": {"images_per_s": 1900.0, "strategy": "DDPStrategy"}}},
+        },
+    }
+    report["derived"] = d = gpu_check.derive(report)
+    assert d["a_ratio_fast"] == pytest.approx(1897.5 / 1967.8)
+    assert d["a_mfu_gencli_fast"] == pytest.approx(3 * 12.4e9 * 1897.5 / 790e12)  # ~8.9%, issue 14's 9%
+    assert "a_ratio_eager" not in d  # one side failed, the other was never measured
+    assert d["c_speedup_fast_vs_default"] == pytest.approx(3.0)
+    assert d["c_speedup_fast_vs_issue_baseline"] == pytest.approx(3.0)
+    assert d["d_ratio_ddp_vs_none"] == pytest.approx(0.95)
+    table = gpu_check.markdown(report)
+    rows = [line for line in table.splitlines() if line.startswith("| a |")]
+    assert len(rows) == 2 and "| 1897.5 | 1967.8 | 0.96 |" in rows[0] and "MFU gencli 8.9%" in rows[0]
+    assert "error: RuntimeError: boom" in rows[1] and "peer not measured" in rows[1]
+    assert "wrapper cost 5.0%" in table and "peer DDIM-50 bf16 eager: 0.0040" in table
+    assert "| b |" not in table and "NVIDIA H100 80GB HBM3" in table and "torch 2.11.0" in table
+    assert "part a (diffusion training: gencli vs the diffusers peer): timeout" in table
