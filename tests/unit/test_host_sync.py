@@ -226,3 +226,39 @@ def test_the_guard_flags_fold_steps_on_the_device():
     # one rank's loss alone does not skip (the ranks' weights would part); the all-reduced gradients do
     assert float(ddp.see_step(torch.tensor(False), 0)) == 0 and bool(ddp.bad)
     assert float(ddp.see_step(torch.tensor(True), 1)) == 1
+
+
+# ----------------------------------------------------------------------------- clipping with fused optimisers
+def test_the_gpu_fast_profile_trains_a_clipped_ddpm(compose_cfg):
+    """hardware=gpu_fast is bf16 autocast + fused Adam, and DDPM clips its gradients to norm 1: Lightning's own
+    clipping refuses that pair, gencli's (families.base.clip_gradients) does not. Run on the CPU (compile and the
+    loader workers off: the rest of the profile as it is)."""
+    import json
+    from pathlib import Path
+
+    from gencli.jobs.train import train
+
+    cfg = compose_cfg("train", [*TINY["ddpm"], "hardware=gpu_fast", "hardware.compile=false", "hardware.num_workers=0",
+                                "hardware.pin_memory=false", "trainer.accelerator=cpu", "trainer.max_steps=3",
+                                "callbacks=minimal", "callbacks.sample_grid.n=4", "logger=none",
+                                "trainer.limit_val_batches=1"])
+    assert cfg.model.grad_clip == 1.0 and cfg.trainer.precision == "bf16-mixed"
+    train(cfg)
+    assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_clipping_unscales_a_fused_optimiser_under_a_grad_scaler():
+    from gencli.families.base import clip_gradients
+
+    weight = torch.nn.Parameter(torch.tensor([3.0, 4.0]))
+    optimizer = torch.optim.Adam([weight], lr=0.1, fused=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    module = SimpleNamespace(_trainer=SimpleNamespace(precision_plugin=SimpleNamespace(scaler=scaler)))
+    scaler.scale((weight * weight).sum() / 2).backward()  # gradient = weight = (3, 4), norm 5, scaled by 1024
+    clip_gradients(module, optimizer, 1.0)
+    torch.testing.assert_close(weight.grad, torch.tensor([0.6, 0.8]))  # unscaled, then clipped to norm 1
+    scaler.step(optimizer)  # not unscaled twice
+    scaler.update()
+    assert not torch.equal(weight.detach(), torch.tensor([3.0, 4.0]))
+    with pytest.raises(ConfigError, match="gradient_clip_algorithm=max"):
+        clip_gradients(SimpleNamespace(_trainer=None), optimizer, 1.0, "max")

@@ -282,6 +282,11 @@ class GenerativeModel(L.LightningModule):
         """Per-step training scalars, at the logger's cadence: see :func:`log_step`."""
         log_step(self, values, prog_bar)
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """``trainer.gradient_clip_val``, also with fused optimisers under mixed precision (hardware=gpu_fast), where
+        Lightning's own clipping refuses them: see :func:`clip_gradients`."""
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         return optimizers_from_factories(self, self.optimizer_factory, self.scheduler_factory, interval="step")
 
@@ -298,6 +303,31 @@ def log_step(module: L.LightningModule, values: dict[str, Any], prog_bar: tuple[
         return
     for name, value in values.items():
         module.log(name, value, prog_bar=name in prog_bar, on_step=True, on_epoch=False)
+
+
+def clip_gradients(module: L.LightningModule, optimizer, clip_val: float | None, algorithm: str | None = None) -> None:
+    """Clip the gradients of ``optimizer``'s parameters to ``clip_val`` (by their global ``norm``, or by ``value``).
+
+    Lightning's ``clip_gradients`` refuses any optimiser that unscales inside its step (torch's fused Adam: the
+    ``optimizer_kernel=fused`` of hardware=gpu_fast) under mixed precision, although under bf16 nothing is scaled at
+    all. Here: under float16's GradScaler the gradients of such an optimiser are unscaled first (GradScaler then
+    steps it without scaling again; an optimiser that does not unscale itself was unscaled by Lightning already),
+    then torch's own clipping runs, as Lightning's does."""
+    if not clip_val:
+        return
+    algorithm = str(getattr(algorithm, "value", algorithm or "norm"))
+    trainer = module._trainer
+    scaler = getattr(getattr(trainer, "precision_plugin", None), "scaler", None)
+    raw = getattr(optimizer, "optimizer", optimizer)
+    if scaler is not None and getattr(raw, "_step_supports_amp_scaling", False):
+        scaler.unscale_(raw)
+    params = [p for group in raw.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, clip_val)
+    elif algorithm == "norm":
+        torch.nn.utils.clip_grad_norm_(params, clip_val)
+    else:
+        raise ConfigError(f"trainer.gradient_clip_algorithm={algorithm} is not known; use norm or value.")
 
 
 def logging_step(trainer) -> bool:

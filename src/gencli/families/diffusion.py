@@ -33,7 +33,7 @@ from gencli.diffusion import editing
 from gencli.diffusion.samplers import DDIMSampler, Sampler
 from gencli.diffusion.schedule import PREDICTIONS, NoiseSchedule
 from gencli.errors import ConfigError
-from gencli.families.base import GenerativeModel
+from gencli.families.base import GenerativeModel, clip_gradients
 from gencli.families.ema import check_decay, ema_copy, ema_update, pick_weights, skipped_flag
 from gencli.nets.modes import eval_mode
 from gencli.seeds import SampleGenerator
@@ -390,8 +390,7 @@ class Diffusion(GenerativeModel):
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip = gradient_clip_val if gradient_clip_val is not None else self.grad_clip
-        if clip:
-            self.clip_gradients(optimizer, gradient_clip_val=clip, gradient_clip_algorithm=gradient_clip_algorithm or "norm")
+        clip_gradients(self, optimizer, clip, gradient_clip_algorithm)
 
     def non_finite_hint(self) -> str:
         return ("the diffusion loss diverged, usually a learning rate too high for the batch size: lower "
