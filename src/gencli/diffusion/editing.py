@@ -97,14 +97,15 @@ def inpaint(denoise: Denoiser, schedule: NoiseSchedule, sampler: Sampler, known:
     check_inpaint(method, sampler, jump_length, jump_n_sample)
     region = KnownRegion(known, mask, generator)
     ts = sampler.timesteps(schedule)
-    x = region.paste(x_T, float(schedule.alphas_cumprod[ts[0]]))
+    table = schedule.alphas_cumprod_list  # Python floats: no step reads a tensor back
+    x = region.paste(x_T, table[ts[0]])
     if method == "replace" or int(jump_n_sample) == 1:
         return sampler.sample(denoise, schedule, x, generator, after_step=region.paste)
 
     n = len(ts)
 
     def alpha_bar(k: int) -> float:  # step index k: n-1 is ts[0] (the noisiest), -1 the clean image
-        return float(schedule.alphas_cumprod[ts[n - 1 - k]]) if k >= 0 else 1.0
+        return table[ts[n - 1 - k]] if k >= 0 else 1.0
 
     walk = repaint_schedule(n, int(jump_length), int(jump_n_sample))
     for k, k_next in track_steps(list(zip(walk, walk[1:])), len(walk) - 1, "repaint steps"):

@@ -86,8 +86,14 @@ def randn(shape: tuple[int, ...], like: Tensor, generator: SampleGenerator) -> T
     """Noise drawn on the generator's device (CPU for gencli's jobs) then moved: same seed, same images anywhere.
 
     A :class:`gencli.seeds.PerImageGenerator` draws row i from image i's own stream, so each image's
-    per-step noise (DDPM, DDIM with eta > 0) does not depend on which images share its batch."""
-    return draw_randn(shape, generator, device=like.device, dtype=like.dtype)
+    per-step noise (DDPM, DDIM with eta > 0) does not depend on which images share its batch. For a GPU the
+    CPU draw goes through pinned memory and is copied without blocking: the host draws the next step's noise
+    while the GPU still runs this one (a pageable copy would wait for it)."""
+    on_cpu = generator is not None and generator.device.type == "cpu"
+    if not (on_cpu and like.device.type == "cuda"):
+        return draw_randn(shape, generator, device=like.device, dtype=like.dtype)
+    noise = draw_randn(shape, generator, device="cpu", dtype=like.dtype)
+    return noise.pin_memory().to(like.device, non_blocking=True)
 
 
 class Sampler:
@@ -145,11 +151,11 @@ class Sampler:
         """Walk the steps from ``start`` (x_T is then x at ``levels()[start]``) down to x_0."""
         x = x_T
         ts = self.timesteps(schedule)
-        alpha_bar = schedule.alphas_cumprod
+        alpha_bar = schedule.alphas_cumprod_list  # Python floats: no step reads a tensor back
         for i in track_steps(range(start, len(ts)), len(ts) - start, f"{self.name} steps"):
             t, prev = ts[i], (ts[i + 1] if i + 1 < len(ts) else -1)
-            a_t = float(alpha_bar[t])
-            a_prev = float(alpha_bar[prev]) if prev >= 0 else 1.0
+            a_t = alpha_bar[t]
+            a_prev = alpha_bar[prev] if prev >= 0 else 1.0
             x0, eps = denoise(x, self.t_tensor(t, x), self.clip_denoised)
             x = self.step(x, x0, eps, a_t, a_prev, generator)
             if after_step is not None:
@@ -242,13 +248,13 @@ class ODESolver(Sampler):
         if self.sigmas == "discrete":
             return super().levels(schedule)
         n = len(self.timesteps(schedule))
-        table = schedule.sigmas
-        sigmas = karras_sigmas(float(table[0]), float(table[-1]), n)
+        sigma_min, sigma_max = schedule.sigmas[[0, -1]].tolist()
+        sigmas = karras_sigmas(sigma_min, sigma_max, n)
         return [schedule.t_of_sigma(sig) for sig in sigmas]
 
     def level_sigmas(self, schedule: NoiseSchedule) -> list[float]:
-        """sigma of each level, then 0 (the solvers end on the data)."""
-        return [schedule.sigma_at(level) for level in self.levels(schedule)] + [0.0]
+        """sigma of each level, then 0 (the solvers end on the data): Python floats, computed once per pass."""
+        return schedule.sigmas_at(self.levels(schedule)) + [0.0]
 
 
 class DPMSolverPP2M(ODESolver):

@@ -110,11 +110,15 @@ class NoiseSchedule:
     # ----------------------------------------------------------------- gathering
     def at(self, table: Tensor, t: Tensor, like: Tensor) -> Tensor:
         """``table[t]`` shaped to broadcast over ``like`` (N, ...), in ``like``'s dtype and device."""
-        key = (id(table), like.device, like.dtype)
+        return self.table(table, like.device, like.dtype)[t.to(like.device).long()].reshape(-1, *([1] * (like.ndim - 1)))
+
+    def table(self, table: Tensor, device: torch.device, dtype: torch.dtype) -> Tensor:
+        """``table`` on ``device`` in ``dtype``, copied there once (not at every sampler step)."""
+        key = (id(table), device, dtype)
         cached = self._device_cache.get(key)
         if cached is None:
-            cached = self._device_cache[key] = table.to(device=like.device, dtype=like.dtype)
-        return cached[t.to(like.device).long()].reshape(-1, *([1] * (like.ndim - 1)))
+            cached = self._device_cache[key] = table.to(device=device, dtype=dtype)
+        return cached
 
     # ----------------------------------------------------------------- noise levels between the timesteps
     @functools.cached_property
@@ -127,37 +131,67 @@ class NoiseSchedule:
     def log_sigmas(self) -> Tensor:
         return self.sigmas.log()
 
+    @functools.cached_property
+    def alphas_cumprod_list(self) -> list[float]:
+        """alpha_bar_t as Python floats (the float64 values themselves): what the samplers read per step, so that a
+        step never converts a tensor to a number (a host sync when a table lives on a GPU; a cost anywhere)."""
+        return self.alphas_cumprod.tolist()
+
+    @functools.cached_property
+    def log_sigmas_list(self) -> list[float]:
+        return self.log_sigmas.tolist()
+
     def sigma_at(self, t: float) -> float:
         """sigma at a timestep that may fall between two integers: log sigma interpolated linearly between them,
         the inverse of :meth:`t_of_sigma` (diffusers' ``_sigma_to_t``); exact at integer t."""
-        if not 0 <= t <= self.timesteps - 1:
-            raise ValueError(f"timestep {t} is outside 0..{self.timesteps - 1}")
-        low = min(int(math.floor(t)), self.timesteps - 2)
-        w = t - low
-        if w == 0:
-            return float(self.sigmas[low])
-        return float(torch.exp((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1]))
+        return self.sigmas_at([t])[0]
+
+    def sigmas_at(self, levels: list[float]) -> list[float]:
+        """:meth:`sigma_at` of each level, computed in one tensor operation (a sampler's levels, once per pass)."""
+        lows, weights = [], []
+        for t in levels:
+            if not 0 <= t <= self.timesteps - 1:
+                raise ValueError(f"timestep {t} is outside 0..{self.timesteps - 1}")
+            low = min(int(math.floor(t)), self.timesteps - 2)
+            lows.append(low)
+            weights.append(t - low)
+        if not lows:
+            return []
+        low = torch.tensor(lows)
+        w = torch.tensor(weights, dtype=torch.float64)
+        # the same float64 operations (and exp kernel) as one level at a time: identical values
+        between = torch.exp((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[low + 1])
+        return torch.where(w == 0, self.sigmas[low], between).tolist()
 
     def t_of_sigma(self, sigma: float) -> float:
         """The (fractional) timestep whose noise level is ``sigma``: log sigma interpolated between the two
         neighbouring timesteps, clipped to 0..T-1 (Karras et al. 2022's sigmas fall between timesteps)."""
-        log_sigmas = self.log_sigmas
+        log_sigmas = self.log_sigmas_list
         log_sigma = math.log(max(sigma, 1e-10))
-        low = int(min((log_sigmas <= log_sigma).sum().item() - 1, self.timesteps - 2))
+        low = int(min(sum(1 for v in log_sigmas if v <= log_sigma) - 1, self.timesteps - 2))
         low = max(low, 0)
-        lo, hi = float(log_sigmas[low]), float(log_sigmas[low + 1])
+        lo, hi = log_sigmas[low], log_sigmas[low + 1]
         w = min(max((lo - log_sigma) / (lo - hi), 0.0), 1.0)
         return (1 - w) * low + w * (low + 1)
 
     def alpha_bar_at(self, t: Tensor, like: Tensor) -> Tensor:
         """alpha_bar at timesteps ``t``, shaped to broadcast over ``like``: gathered for integer t, from the
-        interpolated sigma (alpha_bar = 1 / (1 + sigma^2)) for fractional t."""
-        if not torch.is_floating_point(t) or bool((t == t.round()).all()):
-            return self.at(self.alphas_cumprod, t.round().long() if torch.is_floating_point(t) else t, like)
-        levels, index = t.flatten().cpu().unique(return_inverse=True)  # a sampler's batch shares one t
-        values = torch.tensor([1.0 / (1.0 + self.sigma_at(float(v)) ** 2) for v in levels.tolist()],
-                              dtype=torch.float64)[index]
-        return values.to(device=like.device, dtype=like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
+        interpolated sigma (alpha_bar = 1 / (1 + sigma^2), :meth:`sigma_at`) for fractional t.
+
+        Computed on ``like``'s device without reading ``t`` back: a solver's denoiser calls this at every step, and
+        a look at the values (which are integers?) would wait for the GPU each time."""
+        if not torch.is_floating_point(t):
+            return self.at(self.alphas_cumprod, t, like)
+        t = t.to(device=like.device, dtype=torch.float64).flatten()
+        whole = t.round()
+        low = t.floor().clamp(0, self.timesteps - 2).long()
+        w = t - low
+        log_sigmas = self.table(self.log_sigmas, like.device, torch.float64)
+        sigma = torch.exp((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1])
+        between = 1.0 / (1.0 + sigma**2)
+        gathered = self.table(self.alphas_cumprod, like.device, torch.float64)[whole.clamp(0, self.timesteps - 1).long()]
+        values = torch.where(t == whole, gathered, between)
+        return values.to(like.dtype).reshape(-1, *([1] * (like.ndim - 1)))
 
     def sample_timesteps(self, n: int, device: torch.device | str = "cpu",
                          generator: torch.Generator | None = None) -> Tensor:
