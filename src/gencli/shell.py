@@ -4,8 +4,9 @@ Completion is answered by gencli itself (``gencli --complete WORD...`` prints on
 shell scripts are a few lines each and complete the same things:
 
 - the verb (``train``, ``sample``...) and the global flags;
-- after a verb: the groups *that verb composes* (``model=``, ``data=``... for train; ``sampler=`` for sample), its
-  options (the keys outside the groups: ``n=``, ``seed=``...), and flags (``--help``, ``--cfg``, ``-m``);
+- after a verb: the groups *that verb composes* (``model=``, ``data=``... for train; ``sampler=``, ``hardware=`` for
+  sample and eval), its options (the keys outside the groups: ``n=``, ``seed=``...), and flags (``--help``, ``--cfg``,
+  ``-m``);
 - ``group=`` -> that group's options (the files in ``conf/<group>/``);
 - ``model.`` / ``model.net.`` -> the keys of the config composed with the words already typed (so ``model=ddpm
   model.`` offers the DDPM's own keys), and ``key=`` -> its current value;

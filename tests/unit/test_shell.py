@@ -29,7 +29,8 @@ def test_each_verb_completes_only_the_groups_it_composes():
     for name in ("model=", "data=", "trainer=", "hardware=", "logger=", "callbacks=", "seed=", "resume="):
         assert name in train, name
     sample = complete(["sample", ""])
-    assert {"sampler=", "ckpt=", "n=", "mode=", "data="} <= set(sample)
+    assert {"sampler=", "ckpt=", "n=", "mode=", "data=", "hardware="} <= set(sample)
+    assert "hardware=" in complete(["eval", ""]) and complete(["sample", "hardware=gpu"]) == ["hardware=gpu_fast"]
     assert not {"trainer=", "logger=", "hparams_search=", "model="} & set(sample)
 
 
@@ -59,8 +60,8 @@ def test_path_options_complete_files(tmp_path, monkeypatch):
 
 def test_verb_help_lists_only_the_verbs_groups():
     text = verb_help("sample", [])
-    assert "sampler=" in text and "ckpt=" in text
-    for other in ("trainer=", "logger=", "hparams_search=", "hardware="):
+    assert "sampler=" in text and "ckpt=" in text and "hardware=" in text  # sampling runs as hardware= says
+    for other in ("trainer=", "logger=", "hparams_search="):
         assert other not in text
     train = verb_help("train", ["model=ddpm"])
     assert "[ddpm]" in train and "trainer=" in train and "hparams_search=" in train

@@ -219,7 +219,7 @@ def datamodule_for(cfg: DictConfig, checkpoint: dict | None, batch_size: int, im
     from hydra.utils import instantiate
 
     if cfg.get("data") is not None:
-        # The sample/eval configs have no hardware group: loading here is single-process.
+        # Loading here is single-process whatever hardware= says: the images are read once, not every epoch.
         with open_dict(cfg):
             cfg.data.update(batch_size=batch_size, num_workers=0, pin_memory=False)
         data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -267,3 +267,33 @@ def sample_options(cfg: DictConfig, model) -> dict[str, Any]:
             check_use_ema(model, value)
         options[key] = instantiate(value) if isinstance(value, DictConfig) else value
     return options
+
+
+def sampling_settings(cfg: DictConfig, device: torch.device):
+    """``(HardwareSettings, profile name)`` that ``gencli sample`` / ``gencli eval`` sample with (``hardware=``; the
+    default profile when the config has none). A GPU profile on a CPU device is a warning, as it is for training
+    (:meth:`gencli.hardware.HardwareSettings.mismatch`): the run works, slower or with other numbers."""
+    import logging
+
+    from hydra.utils import instantiate
+
+    from gencli.hardware import HardwareSettings
+    from gencli.sampling_hardware import mismatch
+
+    node = cfg.get("hardware")
+    settings = instantiate(node) if node is not None else HardwareSettings()
+    profile = hardware_choice()
+    warning = mismatch(settings, device, profile)
+    if warning:
+        logging.getLogger(__name__).warning(warning)
+    return settings, profile
+
+
+def hardware_choice() -> str | None:
+    """The hardware= profile Hydra composed (gpu_fast, cpu_fast...), or None outside a Hydra run."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return HydraConfig.get().runtime.choices.get("hardware")
+    except ValueError:  # composed outside a Hydra run (library use)
+        return None

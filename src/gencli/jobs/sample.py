@@ -7,6 +7,11 @@ the validation split, a folder or an .npz): ``inpaint`` (fill ``mask=``; ``inpai
 ``inpaint.png`` with input | mask | result per row) and ``variation`` (SDEdit at ``strength=``;
 ``variations.npz`` and ``variations.png`` with input | variation).
 
+``hardware=`` (default: ``default``, plain float32) runs the sampling net as the profile says
+(:mod:`gencli.sampling_hardware`: ``hardware=gpu_fast`` is bf16 autocast, TF32 matmuls, channels-last and a
+compiled net); sample.json records what was applied (``sampling.hardware``) and where the time went
+(``timing``: generation and its images/s, I/O; :mod:`gencli.metrics.timing`).
+
 Image ``i`` depends only on (``seed``, ``i``): each image draws its noise from its own generator
 (:mod:`gencli.seeds`), so ``batch_size`` changes speed and memory, not the images. ``grid`` streams:
 each batch goes to the npz (:class:`gencli.io.NpzImageWriter`) and the PNG folder
@@ -36,13 +41,15 @@ from gencli.io import (
     to_uint8,
     write_json,
 )
-from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options
+from gencli.jobs.common import datamodule_for, pick_device, run_job, sample_options, sampling_settings
 from gencli.labels import LabelPlan, plan_labels
 from gencli.latents import slerp
 from gencli.masks import describe as describe_mask
 from gencli.masks import make_masks
+from gencli.metrics.timing import TimeSplit, summary_line, timed, timing
 from gencli.progress import track_batches
 from gencli.provenance import environment
+from gencli.sampling_hardware import sampling_hardware
 from gencli.seeds import SEED_RULE, PerImageGenerator, check_seed
 
 log = logging.getLogger(__name__)
@@ -67,9 +74,13 @@ def sample(cfg: DictConfig) -> Path:
         raise ConfigError(f"grid_n={grid_n} must be an integer >= 0: how many of the n images samples.png shows "
                           "(0: no grid).")
     seed = check_seed(cfg.seed)
-    model, checkpoint = restore_model(cfg.ckpt)
-    model = model.to(pick_device(cfg.device))
+    device = pick_device(cfg.device)
+    split = TimeSplit(device)
+    with timing(split), timed("io"):
+        model, checkpoint = restore_model(cfg.ckpt)
+        model = model.to(device)
     options = sample_options(cfg, model)
+    settings, profile = sampling_settings(cfg, device)
     plan = plan_labels(cfg.get("labels"), model, per_row=cfg.nrow or 8)  # an unconditional model refuses labels=
     n = cfg.n
     if plan is not None and plan.kind == "all":  # one row per class
@@ -79,20 +90,28 @@ def sample(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     scale = auto_scale(model.image_shape[-1])
 
-    if cfg.mode == "grid":
-        written = sample_images(model, cfg, n, seed, options, plan, out, FORMATS[fmt], grid_n, scale)
-    elif cfg.mode == "interpolate":
-        written = save_image_grid(out / "interpolation.png", interpolate(model, cfg, seed, options, plan),
-                                  nrow=cfg.interpolation_steps, scale=scale)
-    elif cfg.mode in EDITS:
-        edit = edit_options(cfg, model)
-        sampling = model.editing_info(cfg.mode, **options, **edit)  # bad settings fail before any work
-        written = edit_images(model, cfg, checkpoint, seed, options, edit, plan, out, grid_n, scale)
-    else:
-        written = save_image_grid(out / "reconstructions.png", reconstruct(model, cfg, checkpoint), nrow=16, scale=scale)
+    with timing(split), sampling_hardware(settings, model, device, options.get("use_ema"), profile) as hardware:
+        if cfg.mode == "grid":
+            written = sample_images(model, cfg, n, seed, options, plan, out, FORMATS[fmt], grid_n, scale)
+        elif cfg.mode == "interpolate":
+            with timed("generation", images=max(1, min(cfg.n, 16)) * cfg.interpolation_steps):
+                strips = interpolate(model, cfg, seed, options, plan)
+            with timed("io"):
+                written = save_image_grid(out / "interpolation.png", strips, nrow=cfg.interpolation_steps, scale=scale)
+        elif cfg.mode in EDITS:
+            edit = edit_options(cfg, model)
+            sampling = model.editing_info(cfg.mode, **options, **edit)  # bad settings fail before any work
+            written = edit_images(model, cfg, checkpoint, seed, options, edit, plan, out, grid_n, scale)
+        else:
+            pairs = reconstruct(model, cfg, checkpoint)
+            with timed("io"):
+                written = save_image_grid(out / "reconstructions.png", pairs, nrow=16, scale=scale)
 
     if cfg.mode not in EDITS:
         sampling = model.sampling_info(mode="decode" if cfg.mode == "interpolate" else "sample", **options)
+    sampling = {**sampling, "hardware": hardware}
+    spent = split.report()
+    log.info("%s", summary_line(spent))
     write_json(out / "sample.json", {
         "ckpt": str(cfg.ckpt), "mode": cfg.mode, "n": n, "seed": seed, "batch_size": cfg.batch_size,
         "format": fmt, "grid_n": grid_n, "seeding": SEED_RULE,
@@ -100,6 +119,8 @@ def sample(cfg: DictConfig) -> Path:
         **({"input": str(cfg.input)} if cfg.mode in EDITS else {}),
         **({"mask": describe_mask(str(cfg.mask), model.image_shape[1:])} if cfg.mode == "inpaint" else {}),
         "sampling": sampling,
+        # wall seconds (generation: the model making the images, io: reading and writing); sample.json itself aside
+        "timing": spent,
         "files": sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not p.name.startswith(".")),
         **environment(),
     })
@@ -127,17 +148,23 @@ def sample_images(model, cfg: DictConfig, n: int, seed: int, options: dict, plan
         start = 0
         for b in track_batches(n, cfg.batch_size, "sampling"):
             labels = {"labels": plan.labels_for(start, b, model.device)} if plan is not None else {}
-            images = model.sample(b, generator=PerImageGenerator.for_range(seed, start, b), **labels, **options).cpu()
-            u8 = to_uint8(images)
-            for writer in writers:
-                writer.write(u8)
+            with timed("generation", images=b):  # .cpu() waits for the device: the batch's whole work
+                images = model.sample(b, generator=PerImageGenerator.for_range(seed, start, b), **labels,
+                                      **options).cpu()
+            with timed("io"):
+                u8 = to_uint8(images)
+                for writer in writers:
+                    writer.write(u8)
             if start < grid_n:
                 kept.append(images[: grid_n - start].clone())  # not a view that keeps the whole batch
             start += b
+        with timed("io"):  # the writers' final rename into place
+            outputs.close()
         written = [writer.path for writer in writers]
     if grid_n > 0:
-        written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=grid_columns(cfg, plan),
-                                          scale=scale))
+        with timed("io"):
+            written.insert(0, save_image_grid(out / "samples.png", torch.cat(kept), nrow=grid_columns(cfg, plan),
+                                              scale=scale))
     if plan is not None and "png" in formats:  # the PNG folder's labels, by file name
         write_json(out / "labels.json", {"files": {f"{i:06d}.png": int(label) for i, label in
                                                    enumerate(labelled["labels"].tolist())},
@@ -179,10 +206,12 @@ def reconstruct(model, cfg: DictConfig, checkpoint: dict) -> torch.Tensor:
     if not model.has_encoder:
         raise ConfigError(f"mode=reconstruct needs a family with an encoder (ae, vae); {type(model).__name__} has none.")
     data = datamodule_for(cfg, checkpoint, batch_size=min(cfg.n, 64), image_shape=model.image_shape)
-    x, y = next(iter(data.val_dataloader()))
-    x = x[: min(cfg.n, 64)].to(model.device)
+    with timed("io"):
+        x, y = next(iter(data.val_dataloader()))
+        x = x[: min(cfg.n, 64)].to(model.device)
     own = {"labels": y[: len(x)].to(model.device)} if getattr(model, "conditional", False) else {}
-    return torch.stack([x, model.reconstruct(x, **own)], 1).flatten(0, 1).cpu()
+    with timed("generation", images=len(x)):
+        return torch.stack([x, model.reconstruct(x, **own)], 1).flatten(0, 1).cpu()
 
 
 def edit_options(cfg: DictConfig, model) -> dict:
@@ -222,7 +251,8 @@ def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: di
     """Inpaint or vary the inputs batch by batch; image i's noise (and random mask) depends on (seed, i) only.
     A conditional model edits each input toward its own class where it is known (input=val, or an .npz with
     labels) unless labels= asks for others."""
-    inputs, known = load_inputs(cfg, model, checkpoint)
+    with timed("io"):
+        inputs, known = load_inputs(cfg, model, checkpoint)
     labels = None
     if plan is not None:
         use_known = known is not None and plan.kind == "balanced" and int(known.min()) >= 0
@@ -232,12 +262,13 @@ def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: di
         x = inputs[start: start + cfg.batch_size].to(model.device)
         generator = PerImageGenerator.for_range(seed, start, len(x))
         own = {"labels": labels[start: start + len(x)].to(model.device)} if labels is not None else {}
-        if cfg.mode == "inpaint":
-            mask = make_masks(str(cfg.mask), len(x), tuple(x.shape[-2:]), seed, start).to(x.device)
-            results.append(model.inpaint(x, mask, generator, **own, **options, **edit).cpu())
-            masks.append(mask.cpu())
-        else:
-            results.append(model.vary(x, edit["strength"], generator, **own, **options).cpu())
+        with timed("generation", images=len(x)):
+            if cfg.mode == "inpaint":
+                mask = make_masks(str(cfg.mask), len(x), tuple(x.shape[-2:]), seed, start).to(x.device)
+                results.append(model.inpaint(x, mask, generator, **own, **options, **edit).cpu())
+                masks.append(mask.cpu())
+            else:
+                results.append(model.vary(x, edit["strength"], generator, **own, **options).cpu())
     result = torch.cat(results)
     name = "inpainted" if cfg.mode == "inpaint" else "variations"
     columns = [inputs, result]
@@ -249,11 +280,12 @@ def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: di
         extra["masks"] = to_uint8(shown[:, :1])  # 255 where filled
     if labels is not None:
         extra["labels"] = labels.numpy()
-    save_npz(out / f"{name}.npz", to_uint8(result), **extra)
     rows = min(grid_n, len(inputs)) or len(inputs)
     grid = torch.stack([c[:rows] for c in columns], 1).flatten(0, 1)
-    return save_image_grid(out / ("inpaint.png" if cfg.mode == "inpaint" else "variations.png"), grid,
-                           nrow=len(columns), scale=scale)
+    with timed("io"):
+        save_npz(out / f"{name}.npz", to_uint8(result), **extra)
+        return save_image_grid(out / ("inpaint.png" if cfg.mode == "inpaint" else "variations.png"), grid,
+                               nrow=len(columns), scale=scale)
 
 
 @hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="sample")

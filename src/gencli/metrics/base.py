@@ -52,6 +52,9 @@ class EvalContext:
     metrics: dict[str, Any] = field(default_factory=dict)
     #: Results metrics share within one run (e.g. the sample pass).
     shared: dict[str, Any] = field(default_factory=dict)
+    #: What ``hardware=`` applied to the model's sampling nets (:func:`gencli.sampling_hardware.sampling_hardware`),
+    #: recorded with the generated images' provenance; None when nothing is generated.
+    sampling_hardware: dict | None = None
 
     def has_encoder(self) -> bool:
         return self.model is not None and bool(getattr(self.model, "has_encoder", False))

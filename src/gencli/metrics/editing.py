@@ -27,6 +27,7 @@ from gencli.latents import slerp_rows
 from gencli.masks import describe as describe_mask
 from gencli.masks import make_masks
 from gencli.metrics.base import EvalContext, EvalMetric, MetricResult
+from gencli.metrics.timing import timed
 from gencli.progress import track_batches
 from gencli.seeds import PerImageGenerator
 
@@ -87,19 +88,22 @@ class InpaintingQuality(EvalMetric):
         shown: list[Tensor] = []
         start = 0
         for b in track_batches(n, ctx.batch_size, "inpainting"):
-            x = torch.stack([dataset[i][0] for i in range(start, start + b)]).to(ctx.device)
+            with timed("io"):
+                x = torch.stack([dataset[i][0] for i in range(start, start + b)]).to(ctx.device)
             # a conditional model fills each image as its own class
             own = {"labels": dataset.labels[start: start + b].to(ctx.device)} if getattr(model, "conditional", False) \
                 else {}
             mask = make_masks(self.mask, b, size, ctx.seed, start).to(ctx.device)
             generator = PerImageGenerator.for_range(ctx.seed, start, b)
-            y = model.inpaint(x, mask, generator, **own, **ctx.sample_options, **options).clamp(-1, 1)
+            with timed("generation", images=b):
+                y = model.inpaint(x, mask, generator, **own, **ctx.sample_options, **options).clamp(-1, 1)
             for key, value in masked_scores(y, x, mask, kernel).items():
                 scores.setdefault(key, []).append(value.double().cpu())
             if lpips is not None:
                 from gencli.metrics.reconstruction import lpips_input
 
-                lpips.update(lpips_input(y), lpips_input(x))
+                with timed("features"):
+                    lpips.update(lpips_input(y), lpips_input(x))
             if start < self.examples:
                 keep = min(b, self.examples - start)
                 shown.append(torch.stack([x[:keep], (1 - 2 * mask[:keep]).expand_as(x[:keep]), y[:keep]], 1).cpu())
@@ -170,11 +174,13 @@ class PerceptualPathLength(EvalMetric):
             t = t * (1 - self.epsilon)  # t + eps stays on the path
             za, zb = slerp_rows(z0, z1, t.to(z0.device)), slerp_rows(z0, z1, (t + self.epsilon).to(z0.device))
             both = {"labels": held["labels"].repeat(2)} if held else {}
-            images = model.decode(torch.cat([za, zb]), **both, **ctx.sample_options).float()
+            with timed("generation", images=2 * b):
+                images = model.decode(torch.cat([za, zb]), **both, **ctx.sample_options).float()
             if self.crop:
                 h, w = images.shape[-2:]
                 images = images[..., h // 8: h - h // 8, w // 8: w - w // 8]
-            values.append((dist(images[:b], images[b:]) / self.epsilon**2).double().cpu())
+            with timed("features"):
+                values.append((dist(images[:b], images[b:]) / self.epsilon**2).double().cpu())
             start += b
         d = torch.cat(values)
         lo, hi = torch.quantile(d, self.percentiles[0] / 100), torch.quantile(d, self.percentiles[1] / 100)
@@ -212,7 +218,8 @@ class PerceptualPathLength(EvalMetric):
         if ctx.features is None:
             raise ConfigError("metric=ppl with ppl.distance=domain needs features=domain.")
         extractor = ctx.features
-        extractor.prepare(ctx.require_data(self.name), ctx.device)
+        with timed("setup"):
+            extractor.prepare(ctx.require_data(self.name), ctx.device)
 
         def domain_distance(a: Tensor, b: Tensor) -> Tensor:
             fa, _ = extractor.extract(a)

@@ -23,6 +23,7 @@ from torchmetrics.image import PeakSignalNoiseRatio, StructuralSimilarityIndexMe
 from gencli.errors import ConfigError
 from gencli.io import atomic_write
 from gencli.metrics.base import EvalContext, EvalMetric, MetricResult
+from gencli.metrics.timing import timed
 from gencli.progress import track_batches
 
 #: LPIPS backbones (torchmetrics net_type) and the torchvision weights they load from the torch hub cache.
@@ -75,19 +76,22 @@ class ReconstructionMetrics(EvalMetric):
         labels = []
         start = 0
         for b in track_batches(n, ctx.batch_size, "reconstruction"):
-            x, y = zip(*(dataset[i] for i in range(start, start + b)))
-            x = torch.stack(x).to(ctx.device)
+            with timed("io"):
+                x, y = zip(*(dataset[i] for i in range(start, start + b)))
+                x = torch.stack(x).to(ctx.device)
             start += b
             # a conditional model encodes and decodes each real image with its own class
             own = {"labels": torch.as_tensor(y).to(ctx.device)} if getattr(model, "conditional", False) else {}
             for key, value in model.score_batch(x, **own).items():
                 scores.setdefault(key, []).append(value.double().cpu())
-            x_hat = model.reconstruct(x, **own).clamp(-1, 1)
+            with timed("generation", images=b):
+                x_hat = model.reconstruct(x, **own).clamp(-1, 1)
             psnr.update((x_hat + 1) / 2, (x + 1) / 2)
             mse.update((x_hat + 1) / 2, (x + 1) / 2)
             ssim.update((x_hat + 1) / 2, (x + 1) / 2)
             if lpips is not None:
-                lpips.update(*(lpips_input(t) for t in (x_hat, x)))
+                with timed("features"):
+                    lpips.update(*(lpips_input(t) for t in (x_hat, x)))
             labels.append(torch.as_tensor(y))
         per_sample = {k: torch.cat(v) for k, v in scores.items()}
         values = {k: float(v.mean()) for k, v in per_sample.items()}

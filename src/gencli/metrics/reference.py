@@ -36,6 +36,7 @@ import torch
 
 from gencli.io import atomic_write, write_json
 from gencli.metrics.domain import key_hash
+from gencli.metrics.timing import timed
 from gencli.progress import track_batches
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,8 @@ class SplitImages:
         return {"data": self.datamodule.describe(), "split": self.split}
 
     def count(self, n: int | None) -> int:
-        available = len(self.datamodule.split(self.split).images)
+        with timed("io"):  # the first look at a split reads the data set
+            available = len(self.datamodule.split(self.split).images)
         total = available if not n or n <= 0 else min(int(n), available)
         if total < 2:
             from gencli.errors import ConfigError
@@ -107,10 +109,13 @@ class SplitImages:
         return total
 
     def batches(self, total: int, batch_size: int):
-        images = self.datamodule.split(self.split).images
+        with timed("io"):
+            images = self.datamodule.split(self.split).images
         start = 0
         for b in track_batches(total, batch_size, f"reference features ({self.datamodule.name} {self.split})"):
-            yield images[start : start + b].float() / 127.5 - 1
+            with timed("io"):
+                batch = images[start : start + b].float() / 127.5 - 1
+            yield batch
             start += b
 
     def labels(self, total: int) -> torch.Tensor | None:
@@ -136,15 +141,19 @@ class FileImages:
 
     def content_sha256(self) -> str:
         if self._sha256 is None:
-            import hashlib
-
-            digest = hashlib.sha256()
-            files = self.source.files if self.source.files is not None else [self.path]
-            for file in files:
-                digest.update(str(Path(file).relative_to(self.path) if file != self.path else file.name).encode())
-                digest.update(hashlib.sha256(Path(file).read_bytes()).digest())
-            self._sha256 = digest.hexdigest()
+            with timed("io"):  # every file's bytes
+                self._sha256 = self.files_sha256()
         return self._sha256
+
+    def files_sha256(self) -> str:
+        import hashlib
+
+        digest = hashlib.sha256()
+        files = self.source.files if self.source.files is not None else [self.path]
+        for file in files:
+            digest.update(str(Path(file).relative_to(self.path) if file != self.path else file.name).encode())
+            digest.update(hashlib.sha256(Path(file).read_bytes()).digest())
+        return digest.hexdigest()
 
     def key(self) -> dict[str, Any]:
         return {"files": {"path": str(self.path), "sha256": self.content_sha256(), "images": self.source.available,
@@ -187,7 +196,8 @@ def compute_reference(images, extractor, n: int | None, batch_size: int) -> tupl
     feature_sum = outer_sum = None
     bank = []
     for x in images.batches(total, batch_size):
-        feats = extractor.features(x)
+        with timed("features"):
+            feats = extractor.features(x)
         f64 = feats.double()
         feature_sum = f64.sum(0) if feature_sum is None else feature_sum + f64.sum(0)
         outer_sum = f64.T @ f64 if outer_sum is None else outer_sum + f64.T @ f64
@@ -240,7 +250,8 @@ def load_or_compute_images(images, extractor, n: int | None, cache_dir: str | Pa
     start = time.perf_counter()
     if use_cache and entry is not None and (entry / "manifest.json").is_file() and (entry / "stats.npz").is_file():
         try:
-            ref = read_entry(entry, plain_key, getattr(extractor, "feature_dim", 0))
+            with timed("io"):
+                ref = read_entry(entry, plain_key, getattr(extractor, "feature_dim", 0))
         except UNREADABLE_ENTRY as err:
             log.warning("reference statistics cache entry %s is truncated or corrupt (%s: %s); recomputing it and "
                         "overwriting the entry", entry, type(err).__name__, err)
@@ -252,12 +263,13 @@ def load_or_compute_images(images, extractor, n: int | None, cache_dir: str | Pa
     total, feature_sum, outer_sum, bank = compute_reference(images, extractor, n, batch_size)
     seconds = time.perf_counter() - start
     if use_cache and entry is not None:
-        with atomic_write(entry / "stats.npz") as f:
-            np.savez(f, n=np.int64(total), feature_sum=feature_sum, outer_sum=outer_sum, features=bank.numpy())
         from gencli.provenance import environment
 
-        write_json(entry / "manifest.json", {"key": plain_key, "n_real": total, "feature_dim": int(bank.shape[1]),
-                                             "compute_seconds": round(seconds, 3), **environment()})
+        with timed("io"), atomic_write(entry / "stats.npz") as f:
+            np.savez(f, n=np.int64(total), feature_sum=feature_sum, outer_sum=outer_sum, features=bank.numpy())
+        with timed("io"):
+            write_json(entry / "manifest.json", {"key": plain_key, "n_real": total, "feature_dim": int(bank.shape[1]),
+                                                 "compute_seconds": round(seconds, 3), **environment()})
         log.info("reference statistics: computed %d %s images in %.1f s, cached in %s", total, images.name, seconds, entry)
     return ReferenceStats(n=total, feature_sum=feature_sum, outer_sum=outer_sum, features=bank, key=plain_key,
                           cache="miss" if use_cache and entry is not None else "off",

@@ -55,6 +55,7 @@ from gencli.metrics.domain import key_hash
 from gencli.metrics.prdc import prdc
 from gencli.metrics.reference import ReferenceStats, load_or_compute, load_or_compute_images
 from gencli.metrics.sources import FileSource, ImageSource, ModelSource, quantise
+from gencli.metrics.timing import timed
 from gencli.progress import track_batches
 
 log = logging.getLogger(__name__)
@@ -372,22 +373,25 @@ def run_sample_metrics(metrics: list[SampleMetric], source: ImageSource, extract
             raise TypeError(f"a pass split across processes generates its images: {type(source).__name__} is not a "
                             "ModelSource")
         local = ModelBlock(source, *shard.block(source.n))
-    for metric in metrics:
-        if shard is None:
-            metric.begin(ref, source.n)
-        else:
-            metric.begin(ref, source.n, shard=shard)
+    with timed("metrics"):
+        for metric in metrics:
+            if shard is None:
+                metric.begin(ref, source.n)
+            else:
+                metric.begin(ref, source.n, shard=shard)
     kept: list[np.ndarray] = []
     start = time.perf_counter()
     error = None
     try:
         done = 0
         for _, (images, u8) in zip(track_batches(local.n, batch_size, description), local.stream(batch_size)):
-            features, logits = extractor.extract(images)
+            with timed("features"):
+                features, logits = extractor.extract(images)
             labels = local.labels_for(done, len(images)) if any(m.needs_labels for m in metrics) else None
             done += len(images)
-            for metric in metrics:
-                metric.update(features, logits, labels)
+            with timed("metrics"):
+                for metric in metrics:
+                    metric.update(features, logits, labels)
             if keep_images:
                 kept.append(u8)
         if shard is not None and local.n == 0:  # more ranks than images: this one joins with no features
@@ -404,7 +408,7 @@ def run_sample_metrics(metrics: list[SampleMetric], source: ImageSource, extract
     values: dict[int, dict[str, float]] = {}
     suffix = metric_suffix(extractor)
     for metric in metrics:
-        with torch.random.fork_rng(devices=[]):  # KID subsets, IS split order: seeded, caller's RNG untouched
+        with timed("metrics"), torch.random.fork_rng(devices=[]):  # KID subsets, IS split order: seeded
             torch.manual_seed(seed)
             values[id(metric)] = {f"{k}{suffix}" if not k.endswith("_std") else f"{k[:-4]}{suffix}_std": v
                                   for k, v in metric.finish().items()}
@@ -427,7 +431,8 @@ def prepare_features_and_reference(extractor, datamodule, device: torch.device, 
     """
 
     def features() -> None:
-        extractor.prepare(datamodule, device)
+        with timed("setup"):
+            extractor.prepare(datamodule, device)
 
     def reference() -> ReferenceStats:
         return load_or_compute(datamodule, split, extractor, reference_n, cache_dir, batch_size=batch_size,
@@ -510,7 +515,8 @@ def make_source(ctx: EvalContext, real) -> ImageSource:
                           data_name=f"ref={ctx.ref}" if ctx.ref else real.datamodule.name)
     if ctx.model is None:
         raise ConfigError("sample metrics need ckpt=PATH (to generate images) or samples=DIR|file.npz.")
-    return ModelSource(ctx.model, ctx.n, ctx.seed, ctx.sample_options, ckpt=ctx.ckpt, labels=ctx.labels)
+    return ModelSource(ctx.model, ctx.n, ctx.seed, ctx.sample_options, ckpt=ctx.ckpt, labels=ctx.labels,
+                       hardware=ctx.sampling_hardware)
 
 
 def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricResult]:
@@ -523,10 +529,12 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
     names = ", ".join(m.name for m in metrics)
     if ctx.features is None:
         raise ConfigError(f"metric {names} needs a feature extractor: features=domain or features=inception.")
-    real = real_images(ctx, names)
-    source = make_source(ctx, real)  # shape errors before any classifier training or data pass
+    with timed("io"):  # ref= / samples= files are opened (and an .npz read) here
+        real = real_images(ctx, names)
+        source = make_source(ctx, real)  # shape errors before any classifier training or data pass
     extractor = ctx.features
-    extractor.prepare(ctx.datamodule if ctx.datamodule is not None else real, ctx.device)
+    with timed("setup"):
+        extractor.prepare(ctx.datamodule if ctx.datamodule is not None else real, ctx.device)
     ref = load_or_compute_images(real, extractor, ctx.reference_n, ctx.cache_dir, batch_size=ctx.batch_size,
                                  use_cache=ctx.use_cache)
     if any(m.needs_labels for m in metrics):  # the reference holds the first ref.n real images: their labels
@@ -536,9 +544,10 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
     if ctx.save_samples and out["images"] is not None:
         from gencli.io import auto_scale, from_uint8, save_image_grid, save_npz
 
-        save_npz(ctx.out_dir / "samples.npz", out["images"])
-        grid = from_uint8(out["images"][:64])
-        save_image_grid(ctx.out_dir / "samples.png", grid, scale=auto_scale(grid.shape[-1]))
+        with timed("io"):
+            save_npz(ctx.out_dir / "samples.npz", out["images"])
+            grid = from_uint8(out["images"][:64])
+            save_image_grid(ctx.out_dir / "samples.png", grid, scale=auto_scale(grid.shape[-1]))
         files = ["samples.npz", "samples.png"]
     common = {
         "features": extractor.describe(),

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from gencli.errors import ConfigError
 from gencli.io import from_uint8, to_uint8
+from gencli.metrics.timing import timed
 from gencli.progress import batch_sizes
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class ImageSource:
 
 class ModelSource(ImageSource):
     def __init__(self, model, n: int, seed: int, options: dict | None = None, ckpt: str | None = None,
-                 labels=None):
+                 labels=None, hardware: dict | None = None):
         if n < 2:
             raise ConfigError(f"n={n}: sample-based metrics need at least 2 generated images (e.g. n=1000).")
         self.model, self.n, self.seed, self.options, self.ckpt = model, int(n), int(seed), dict(options or {}), ckpt
@@ -71,6 +72,8 @@ class ModelSource(ImageSource):
         #: wall time spent in model.sample alone (the sampling cost, apart from feature extraction)
         self.sampling_seconds = 0.0
         self.images_sampled = 0
+        #: what hardware= applied to sampling (gencli.sampling_hardware), for the provenance; None: nothing
+        self.hardware = hardware
 
     @torch.no_grad()
     def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
@@ -87,9 +90,10 @@ class ModelSource(ImageSource):
         labels = {}
         if self.labels is not None:
             labels["labels"] = self.labels.labels_of(generator.indices, self.model.device)
-        images = self.model.sample(len(generator), generator=generator, **labels, **self.options)
-        if images.is_cuda:
-            torch.cuda.synchronize(images.device)
+        with timed("generation", images=len(generator)):
+            images = self.model.sample(len(generator), generator=generator, **labels, **self.options)
+            if images.is_cuda:
+                torch.cuda.synchronize(images.device)
         self.sampling_seconds += time.perf_counter() - start
         self.images_sampled += len(images)
         return images
@@ -112,7 +116,8 @@ class ModelSource(ImageSource):
         from gencli.seeds import SEED_RULE
 
         return {"source": "ckpt", "ckpt": self.ckpt, "n_generated": self.n, "seed": self.seed, "seeding": SEED_RULE,
-                "sampling": self.model.sampling_info(**self.options),
+                "sampling": {**self.model.sampling_info(**self.options),
+                             **({"hardware": self.hardware} if self.hardware is not None else {})},
                 **({"labels": self.labels.describe()} if self.labels is not None else {}),
                 "quantisation": "samples rounded to uint8 levels, as when saved"}
 
@@ -258,12 +263,14 @@ class FileSource(ImageSource):
     def stream(self, batch_size: int) -> Iterator[tuple[Tensor, np.ndarray]]:
         start = 0
         for b in batch_sizes(self.n, batch_size):
-            if self.files is not None:  # one file at a time: every file is checked (sizes, channels)
-                batch = np.concatenate([self.fit_channels(self.decode(p)[None]) for p in self.files[start : start + b]])
-            else:
-                batch = self.fit_channels(np.array(self.array[start : start + b]))  # a copy: .npy files are memory-mapped read-only
+            with timed("io"):
+                if self.files is not None:  # one file at a time: every file is checked (sizes, channels)
+                    batch = np.concatenate([self.fit_channels(self.decode(p)[None]) for p in self.files[start : start + b]])
+                else:
+                    batch = self.fit_channels(np.array(self.array[start : start + b]))  # a copy: .npy files are memory-mapped read-only
+                images = from_uint8(batch)
             start += b
-            yield from_uint8(batch), batch
+            yield images, batch
 
     def describe(self) -> dict[str, Any]:
         return {"source": "samples", "samples": str(self.path), "n_generated": self.n, "n_available": self.available,
