@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import signal
 import struct
 import subprocess
 import sys
@@ -209,3 +210,20 @@ def gencli_cache(tmp_path_factory) -> Path:
         os.environ.pop("GENCLI_CACHE", None)
     else:
         os.environ["GENCLI_CACHE"] = previous
+
+
+@pytest.fixture
+def stop_at(monkeypatch):
+    """stop_at["step"] = k makes the process send itself SIGTERM after training step k (GANs count D and G steps)."""
+    state = {"step": None}
+    from gencli.callbacks.preemption import Preemption
+
+    original = Preemption.on_train_batch_end
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if state["step"] is not None and trainer.global_step == state["step"]:
+            signal.raise_signal(signal.SIGTERM)
+        return original(self, trainer, pl_module, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(Preemption, "on_train_batch_end", on_train_batch_end)
+    return state

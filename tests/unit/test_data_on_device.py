@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from types import SimpleNamespace
 
 import lightning as L
@@ -261,22 +260,13 @@ def test_a_cpu_fit_with_on_device_trains_bitwise_the_same(compose_cfg):
     assert all(torch.equal(state[key], state_on[key]) for key in state)
 
 
-def test_a_run_resumed_with_on_device_ends_as_the_normal_run(tmp_path, monkeypatch):
+def test_a_run_resumed_with_on_device_ends_as_the_normal_run(tmp_path, monkeypatch, stop_at):
     """The train job stopped mid-epoch (SIGTERM at step 20) and resumed with data_on_device=true ends with the weights
     of an uninterrupted run on the normal loaders: the index loader continues the epoch where it stopped."""
-    from gencli.callbacks.preemption import Preemption
     from gencli.errors import Interrupted
     from gencli.jobs.train import train
 
-    stop = {"step": None}
-    original = Preemption.on_train_batch_end
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if stop["step"] is not None and trainer.global_step == stop["step"]:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, trainer, pl_module, outputs, batch, batch_idx)
-
-    monkeypatch.setattr(Preemption, "on_train_batch_end", on_train_batch_end)
+    stop = stop_at
     from gencli.data.base import ImageDataModule
 
     gathers = {"n": 0}

@@ -34,21 +34,6 @@ COMMON = ["data.image_size=8", "data.batch_size=32", "trainer.max_epochs=2", "da
           "callbacks.gan_monitor.every_n_steps=5", "callbacks.gan_monitor.n=4", "callbacks.progress_bar=null"]
 
 
-@pytest.fixture
-def stop_at(monkeypatch):
-    """stop_at["step"] = k makes the process send itself SIGTERM after training step k (GANs count D and G steps)."""
-    state = {"step": None}
-    original = Preemption.on_train_batch_end
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if state["step"] is not None and trainer.global_step == state["step"]:
-            signal.raise_signal(signal.SIGTERM)
-        return original(self, trainer, pl_module, outputs, batch, batch_idx)
-
-    monkeypatch.setattr(Preemption, "on_train_batch_end", on_train_batch_end)
-    return state
-
-
 def run(out: Path, overrides: list[str]):
     return train(compose_config("train", overrides, out))
 
