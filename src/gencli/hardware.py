@@ -106,15 +106,6 @@ class HardwareSettings:
                     child.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
         return model
 
-    def sampling(self, model: torch.nn.Module, device: torch.device | str | None = None, use_ema: bool | None = None,
-                 profile: str | None = None):
-        """A context manager: ``model``'s sampling net runs with this profile's precision (autocast), matmul
-        precision, channels-last layout and compilation while it lasts; yields what it applied. See
-        :mod:`gencli.sampling_hardware` (what ``gencli sample`` / ``gencli eval`` use)."""
-        from gencli.sampling_hardware import sampling_hardware
-
-        return sampling_hardware(self, model, device, use_ema, profile)
-
 
 #: glibc's mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3

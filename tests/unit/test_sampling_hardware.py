@@ -137,7 +137,7 @@ def test_the_profile_is_undone_and_never_changes_state_dict_keys():
     assert model.net_ema.conv_in.weight.is_contiguous()
     assert torch.get_float32_matmul_precision() == "highest"  # set only while the net runs
     assert torch.equal(draw(model), before)
-    with BF16.sampling(model, "cpu", use_ema=False) as info:  # the same, from the settings themselves
+    with sampling_hardware(BF16, model, "cpu", use_ema=False) as info:  # the raw net, when asked for
         assert info["nets"] == ["net"] and "forward" in model.net.__dict__
     assert "forward" not in model.net.__dict__
 
