@@ -112,6 +112,11 @@ def apply_batch_plan(cfg: Any, trainer: Any, datamodule: Any, model: Any) -> Bat
     world size and accumulation), record them in the run config, and log the global batch."""
     from omegaconf import open_dict
 
+    if not isinstance(getattr(datamodule, "batch_size", None), int):
+        if cfg.data.get("global_batch_size") is not None or str(cfg.get("lr_scaling", "none")) != "none":
+            raise ConfigError(f"data.global_batch_size and lr_scaling need a data module with an integer batch_size; "
+                              f"{type(datamodule).__name__} has none. Set them to null / none.")
+        return BatchPlan(0, int(trainer.world_size), int(trainer.accumulate_grad_batches))
     given = command_line_batch_size()
     if cfg.data.get("global_batch_size") is not None and given is not None:
         raise ConfigError(

@@ -107,3 +107,13 @@ def test_a_small_run_trains_with_the_derived_batch(compose_cfg, tmp_path):
     assert stored["data"]["batch_size"] == 16 and stored["batch"]["global"] == 32
     assert stored["batch"]["accumulate_grad_batches"] == 2
     assert json.loads((Path(cfg.paths.output_dir) / "metrics.json").read_text())
+
+
+def test_a_data_module_without_a_batch_size_is_left_alone_unless_a_global_batch_is_asked(compose_cfg):
+    cfg = compose_cfg("train", [])
+    plan = apply_batch_plan(cfg, fake_trainer(2, 1), SimpleNamespace(), SimpleNamespace())
+    assert plan.lr_factor == 1.0
+    with open_dict(cfg):
+        cfg.data.global_batch_size = 64
+    with pytest.raises(ConfigError, match="need a data module with an integer batch_size"):
+        apply_batch_plan(cfg, fake_trainer(2, 1), SimpleNamespace(), SimpleNamespace())
