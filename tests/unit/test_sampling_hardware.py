@@ -370,3 +370,15 @@ def test_hardware_composes_for_sample_and_eval(verb, tmp_path):
     assert hardware.matmul_precision == "high" and hardware.compile_mode == "default"
     default = gencli(verb, "ckpt=x.ckpt", "--cfg", "job", cwd=tmp_path)
     assert OmegaConf.create(default.stdout).hardware.precision == "32-true"
+
+
+def test_the_sampling_profile_builds_only_an_allow_listed_class():
+    from gencli.errors import ConfigError
+    from gencli.jobs.common import sampling_settings
+
+    cfg = OmegaConf.create({"hardware": {"_target_": "gencli.hardware.HardwareSettings", "precision": "bf16-mixed"}})
+    settings, _ = sampling_settings(cfg, torch.device("cuda"))
+    assert isinstance(settings, HardwareSettings) and settings.precision == "bf16-mixed"
+    bad = OmegaConf.create({"hardware": {"_target_": "os.system", "_args_": ["true"]}})
+    with pytest.raises(ConfigError, match=r"hardware=.*os.system.*Nothing was built"):
+        sampling_settings(bad, torch.device("cpu"))

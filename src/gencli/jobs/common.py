@@ -278,9 +278,12 @@ def sampling_settings(cfg: DictConfig, device: torch.device):
     from hydra.utils import instantiate
 
     from gencli.hardware import HardwareSettings
+    from gencli.safety import check_config
     from gencli.sampling_hardware import mismatch
 
     node = cfg.get("hardware")
+    if node is not None:  # (the command line's, never a checkpoint's; still only an allow-listed class is built)
+        check_config(OmegaConf.to_container(node, resolve=True), "hardware=")
     settings = instantiate(node) if node is not None else HardwareSettings()
     profile = hardware_choice()
     warning = mismatch(settings, device, profile)
