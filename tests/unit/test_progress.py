@@ -29,11 +29,16 @@ def console(terminal: bool) -> Console:
     return Console(file=io.StringIO(), force_terminal=terminal, width=120)
 
 
-def test_a_task_done_in_one_update_shows_its_real_rate():
-    """A single batch (or updates further apart than Rich's 30 s window) left Rich's speed at None: '0.0 img/s'."""
+def sampling_task(total: int) -> tuple[Clock, Progress, int]:
+    """A Rich progress task on a clock the test moves."""
     clock = Clock()
     progress = Progress(get_time=clock, console=console(False))
-    task_id = progress.add_task("sampling", total=64)
+    return clock, progress, progress.add_task("sampling", total=total)
+
+
+def test_a_task_done_in_one_update_shows_its_real_rate():
+    """A single batch (or updates further apart than Rich's 30 s window) left Rich's speed at None: '0.0 img/s'."""
+    clock, progress, task_id = sampling_task(64)
     clock.now += 4.0
     progress.advance(task_id, 64)
     task = progress.tasks[0]
@@ -44,9 +49,7 @@ def test_a_task_done_in_one_update_shows_its_real_rate():
 
 
 def test_the_rate_of_slow_batches_is_their_mean():
-    clock = Clock()
-    progress = Progress(get_time=clock, console=console(False))
-    task_id = progress.add_task("sampling", total=300)
+    clock, progress, task_id = sampling_task(300)
     for _ in range(3):  # batches 40 s apart: Rich's window holds one at a time
         clock.now += 40.0
         progress.advance(task_id, 100)
@@ -54,9 +57,7 @@ def test_the_rate_of_slow_batches_is_their_mean():
 
 
 def test_a_running_task_shows_a_rate_before_rich_has_an_estimate():
-    clock = Clock()
-    progress = Progress(get_time=clock, console=console(False))
-    task_id = progress.add_task("sampling", total=100)
+    clock, progress, task_id = sampling_task(100)
     clock.now += 2.0
     progress.advance(task_id, 10)
     assert rate(progress.tasks[0]) == pytest.approx(5.0)
