@@ -112,19 +112,20 @@ def apply_batch_plan(cfg: Any, trainer: Any, datamodule: Any, model: Any) -> Bat
     world size and accumulation), record them in the run config, and log the global batch."""
     from omegaconf import open_dict
 
+    global_size = getattr(datamodule, "global_batch_size", None)  # (ImageDataModule's data.global_batch_size)
     if not isinstance(getattr(datamodule, "batch_size", None), int):
         if cfg.data.get("global_batch_size") is not None or str(cfg.get("lr_scaling", "none")) != "none":
             raise ConfigError(f"data.global_batch_size and lr_scaling need a data module with an integer batch_size; "
                               f"{type(datamodule).__name__} has none. Set them to null / none.")
         return BatchPlan(0, int(trainer.world_size), int(trainer.accumulate_grad_batches))
     given = command_line_batch_size()
-    if cfg.data.get("global_batch_size") is not None and given is not None:
+    if global_size is not None and given is not None:
         raise ConfigError(
-            f"data.batch_size={given} and data.global_batch_size={cfg.data.global_batch_size} both set the batch (a "
+            f"data.batch_size={given} and data.global_batch_size={global_size} both set the batch (a "
             "recipe such as experiment=ddpm_cifar10 sets the global one, and the per-device batch follows from it and "
             "the devices). Give data.global_batch_size=N instead, or data.global_batch_size=null to set the batch per "
             "device with data.batch_size.")
-    plan = plan_batch(cfg.data.get("global_batch_size"), int(datamodule.batch_size), int(trainer.world_size),
+    plan = plan_batch(global_size, int(datamodule.batch_size), int(trainer.world_size),
                       int(trainer.accumulate_grad_batches), str(cfg.get("lr_scaling", "none")),
                       cfg.get("lr_reference_batch"))
     datamodule.batch_size = plan.per_device
@@ -137,7 +138,7 @@ def apply_batch_plan(cfg: Any, trainer: Any, datamodule: Any, model: Any) -> Bat
     if changed:
         lrs = ", ".join(f"{name.replace('_factory', '')} lr {old:g} -> {new:g}" for name, (old, new) in changed.items())
         log.info("%s; lr_scaling=%s against lr_reference_batch=%d: %s", plan.describe(), plan.rule, plan.reference, lrs)
-    elif plan.world_size > 1 or plan.accumulate > 1 or cfg.data.get("global_batch_size") is not None:
+    elif plan.world_size > 1 or plan.accumulate > 1 or global_size is not None:
         log.info("%s", plan.describe())
     reference = plan.reference
     if plan.rule == "none" and reference is not None and reference != plan.global_size:

@@ -57,7 +57,7 @@ def test_the_cifar10_recipes_keep_the_papers_batch_on_any_devices(compose_cfg):
         cfg = compose_cfg("train", [f"experiment={experiment}", "trainer=ddp_cpu", "trainer.devices=2",
                                     "trainer.accumulate_grad_batches=2"])
         assert cfg.data.global_batch_size == batch and cfg.lr_reference_batch == batch
-        datamodule = SimpleNamespace(batch_size=cfg.data.batch_size)
+        datamodule = instantiate(cfg.data)
         model = SimpleNamespace(run_config={"data": {}})
         plan = apply_batch_plan(cfg, fake_trainer(2, 2), datamodule, model)
         assert datamodule.batch_size == batch // 4 == cfg.data.batch_size and plan.global_size == batch
@@ -86,7 +86,7 @@ def test_a_per_device_batch_beside_a_global_one_is_refused(compose_cfg, monkeypa
     cfg = compose_cfg("train", ["experiment=ddpm_cifar10", "data.batch_size=32"])
     monkeypatch.setattr(scaling, "command_line_batch_size", lambda: "32")
     with pytest.raises(ConfigError, match=r"data.batch_size=32 and data.global_batch_size=128 both set the batch"):
-        apply_batch_plan(cfg, fake_trainer(1, 1), SimpleNamespace(batch_size=32), SimpleNamespace())
+        apply_batch_plan(cfg, fake_trainer(1, 1), instantiate(cfg.data), SimpleNamespace())
 
 
 def test_a_small_run_trains_with_the_derived_batch(compose_cfg, tmp_path):
