@@ -12,6 +12,7 @@ from gencli.callbacks.progress_bar import TrainingProgressBar
 from gencli.callbacks.random_state import TrainingRandomState
 from gencli.callbacks.sample_grid import SampleGrid
 from gencli.callbacks.sample_quality import SampleQuality
+from gencli.callbacks.throughput import Throughput
 
 __all__ = ["GANMonitor", "LearningRateMonitor", "ModelCheckpoint", "ModelSummary", "NonFiniteGuard", "OptunaPruning", "Preemption", "SampleGrid", "SampleQuality",
-           "TrainingProgressBar", "TrainingRandomState"]
+           "Throughput", "TrainingProgressBar", "TrainingRandomState"]

@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from gencli.callbacks.random_state import TrainingRandomState
+from gencli.callbacks.throughput import Throughput
 from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.config import CONF_DIR
 from gencli.errors import GencliError, Interrupted
@@ -153,6 +154,9 @@ def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "resumed_from": {"checkpoint": str(resume.path), "step": resume.step} if resume else None,
         "files": files,
         "provenance": {"seed": cfg.seed, "model": cfg.model._target_, "data": cfg.data._target_, **environment()},
+        # training images/s and optimiser steps/s after warm-up, as the run measured them (callbacks.throughput)
+        **({"throughput": t} if (t := next((cb.report for cb in trainer.callbacks if isinstance(cb, Throughput)),
+                                           None)) else {}),
         # what a reader must know beside the metrics (e.g. that the VAE's bits/dim are not the papers' kind)
         **({"notes": notes} if (notes := getattr(trainer.lightning_module, "score_notes", list)()) else {}),
     })
