@@ -50,12 +50,23 @@ class Tiny(L.LightningModule):
         return [torch.optim.SGD(self.parameters(), lr=0.01), torch.optim.SGD(self.parameters(), lr=0.01)]
 
 
-def fit(cb: Throughput, clock: FakeClock, batches: int, batch: int = 6, manual: bool = False, val: bool = False):
+class SlowEnd(L.Callback):
+    """End-of-training work (a final checkpoint, a sample grid): 30 s that are not training."""
+
+    def __init__(self, clock: FakeClock):
+        self.clock = clock
+
+    def on_train_end(self, trainer, pl_module):
+        self.clock.t += 30.0
+
+
+def fit(cb: Throughput, clock: FakeClock, batches: int, batch: int = 6, manual: bool = False, val: bool = False,
+        max_steps: int = -1):
     data = TensorDataset(torch.randn(batches * batch, 4), torch.zeros(batches * batch))
     loader = DataLoader(data, batch_size=batch)
     val_loader = DataLoader(TensorDataset(torch.randn(4, 4), torch.zeros(4)), batch_size=2)
     trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[SlowEnd(clock), cb], max_steps=max_steps,
                         num_sanity_val_steps=2 if val else 0, limit_val_batches=2 if val else 0,
                         val_check_interval=5 if val else None)
     trainer.fit(Tiny(clock, manual), train_dataloaders=loader, val_dataloaders=val_loader if val else None)
@@ -90,6 +101,13 @@ def test_validation_is_paused_out_and_gan_steps_count_twice():
     assert r["seconds"] == pytest.approx(5.0)
     assert r["images_per_s"] == pytest.approx(8.0)
     assert r["optimizer_steps_per_s"] == pytest.approx(4.0)  # two optimiser steps per batch
+
+
+def test_max_steps_ends_the_window_at_the_last_batch():
+    clock = FakeClock()
+    cb = Throughput(warmup_steps=1, clock=clock)
+    fit(cb, clock, batches=20, batch=2, max_steps=9)
+    assert cb.report["timed_batches"] == 8 and cb.report["seconds"] == pytest.approx(4.0)
 
 
 def test_too_few_batches_says_why():

@@ -2,8 +2,9 @@
 
 The first ``warmup_steps`` training batches of a run (or of a resumed run's process) are not timed: they hold
 torch.compile's compiling, cuDNN's autotuning, the first allocations and the data loader's start. The clock starts
-at the end of batch ``warmup_steps`` and stops when training ends; validation loops (and the sample metrics that run
-in them) are paused out, so the number is the training loop's own: the forward, backward and optimiser steps plus
+at the end of batch ``warmup_steps`` and stops at the end of the last training batch (so the final checkpoint and
+sample grid are not in it; a run stopped early stops it when training ends); validation loops (and the sample
+metrics that run in them) are paused out, so the number is the training loop's own: the forward, backward and optimiser steps plus
 whatever callbacks and loaders add per batch (checkpoints and sample grids inside the window are included, as a run
 pays them). The device is synchronised only at those boundaries (start, each validation's start and end, the end),
 never per step, so measuring costs nothing per step beyond counting the batch's images.
@@ -54,6 +55,15 @@ def synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
+def last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
+    """Whether this training batch is the run's last (max_steps reached, or the last batch of the last epoch)."""
+    if 0 < trainer.max_steps <= trainer.global_step:
+        return True
+    max_epochs = trainer.max_epochs
+    return (max_epochs is not None and max_epochs >= 0 and trainer.current_epoch + 1 >= max_epochs
+            and batch_idx + 1 >= trainer.num_training_batches)
+
+
 class Throughput(L.Callback):
     def __init__(self, warmup_steps: int = 20, clock=time.perf_counter):
         if int(warmup_steps) < 0:
@@ -74,6 +84,7 @@ class Throughput(L.Callback):
         self._start_step = 0
         self._paused = 0.0  # validation time inside the window
         self._pause_start: float | None = None
+        self._stop: float | None = None
 
     def _now(self, trainer: L.Trainer) -> float:
         synchronize(trainer.strategy.root_device)
@@ -93,6 +104,8 @@ class Throughput(L.Callback):
         self._batches += 1
         if self._start is not None:
             self._images += batch_images(batch)
+            if self._stop is None and last_batch(trainer, batch_idx):
+                self._stop = self._now(trainer)  # before the end-of-training checkpoint and sample grid
         elif self._batches == self.warmup_steps:
             self._begin(trainer)
 
@@ -115,7 +128,8 @@ class Throughput(L.Callback):
                 "(callbacks.throughput.warmup_steps)")}
         else:
             self.on_validation_end(trainer, pl_module)  # a validation cut short by the end of training
-            seconds = self._now(trainer) - self._start - self._paused
+            stop = self._stop if self._stop is not None else self._now(trainer)  # stopped early: now
+            seconds = stop - self._start - self._paused
             seconds = max(seconds, 1e-9)
             steps = trainer.global_step - self._start_step
             self.report = {
