@@ -8,11 +8,20 @@ configs by interpolation (``${hardware.precision}``); the rest is applied by :me
 
 from __future__ import annotations
 
+import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from gencli.errors import ConfigError
+
+log = logging.getLogger(__name__)
+#: Test hook: the torch.compile backend the nets are compiled with (None: torch's default, Inductor). The compile
+#: guard's tests set a backend that fails, as Inductor does on some GPUs.
+compile_backend: str | Callable | None = None
 
 PRECISIONS = ("32", "32-true", "64", "64-true", "bf16-mixed", "16-mixed", "bf16-true", "16-true", "transformer-engine")
 MATMUL = ("highest", "high", "medium")
@@ -100,11 +109,201 @@ class HardwareSettings:
             model = model.to(memory_format=torch.channels_last)
         if self.compile:
             # Compile the plain nets in place (nn.Module.compile keeps state_dict keys unchanged, so
-            # checkpoints load without compile); the training logic itself stays eager.
-            for child in model.children():
+            # checkpoints load without compile); the training logic itself stays eager. Each compiled net's
+            # first calls go through a CompileGuard: a net torch.compile fails on trains on eagerly.
+            report: dict[str, str] = {}
+            for name, child in model.named_children():
                 if any(p.requires_grad for p in child.parameters()):
-                    child.compile(mode=None if self.compile_mode == "default" else self.compile_mode)
+                    child.compile(mode=None if self.compile_mode == "default" else self.compile_mode,
+                                  **({"backend": compile_backend} if compile_backend is not None else {}))
+                    guard_compiled_module(child, name, report, channels_last=self.channels_last)
+            model.compile_report = report
         return model
+
+
+# ----------------------------------------------------------------------------- the compile guard
+#: How many calls of a compiled net the guard watches before it steps aside (the first training steps: a GAN's
+#: discriminator is called three times a step, so 16 calls cover its first five steps and every requires_grad
+#: pattern the steps use; each new graph compiled in that window also has its backward pass tried).
+GUARDED_CALLS = 16
+#: Where torch's compiler lives: an error whose traceback passes through these came out of torch.compile's machinery
+#: (Dynamo, AOTAutograd, Inductor, the code Inductor generated), not out of the net's own code alone.
+_COMPILER_PATHS = tuple(os.sep + os.path.join("torch", part) + os.sep for part in ("_dynamo", "_inductor", "_functorch",
+                                                                                  "fx"))
+_COMPILER_FILES = ("torchinductor",)  # Inductor's generated modules: <tmp>/torchinductor_<user>/xx/cxxxx.py
+#: torch's own issue behind the stride assertions of a channels-last convolution backward under Inductor.
+CHANNELS_LAST_ISSUE = ("pytorch/pytorch#171622 \"[inductor] convolution_backward meta kernel produces incorrect stride "
+                       "predictions for channels_last tensors\"")
+
+
+def is_compile_failure(err: BaseException) -> bool:
+    """Whether ``err`` came out of torch.compile (Dynamo or Inductor exceptions, a backend that failed, an assertion
+    in Inductor's generated code) rather than being one the eager net raises as well. Out-of-memory is never one:
+    running eagerly would hide that the batch does not fit."""
+    if not isinstance(err, Exception) or isinstance(err, torch.OutOfMemoryError | MemoryError):
+        return False
+    try:
+        from torch._dynamo.exc import TorchDynamoException
+        if isinstance(err, TorchDynamoException):
+            return True
+    except ImportError:  # pragma: no cover - torch without Dynamo
+        return False
+    tb = err.__traceback__
+    while tb is not None:
+        filename = tb.tb_frame.f_code.co_filename
+        if any(part in filename for part in _COMPILER_PATHS) or any(part in filename for part in _COMPILER_FILES):
+            return True
+        tb = tb.tb_next
+    return False
+
+
+def failure_reason(err: BaseException, limit: int = 300) -> str:
+    """``Type: first line`` of an error, shortened: what metrics.json / sample.json record after "fell back"."""
+    inner = getattr(err, "inner_exception", None)  # BackendCompilerFailed: "backend='x' raised:" + the real error
+    if isinstance(inner, BaseException) and inner is not err:
+        backend = getattr(err, "backend_name", None)
+        return failure_reason(inner, limit) + (f" (in torch.compile's backend {backend})" if backend else "")
+    lines = [" ".join(line.split()) for line in str(err).strip().splitlines() if line.strip()]
+    line = lines[0] if lines else ""
+    if line.endswith(":") and len(lines) > 1:  # a heading: the next line says what went wrong
+        line = f"{line} {lines[1]}"
+    reason = f"{type(err).__name__}: {line}" if line else type(err).__name__
+    return reason if len(reason) <= limit else reason[: limit - 3] + "..."
+
+
+def fallback_message(name: str, net: torch.nn.Module, reason: str, backward: bool, channels_last: bool) -> str:
+    """The one paragraph printed when a net falls back to eager."""
+    where = "the backward pass of its first compiled call" if backward else "its first compiled call"
+    hint = ""
+    if channels_last and "stride" in reason:
+        hint = (f"With hardware.channels_last=true such a stride assertion is most likely torch's {CHANNELS_LAST_ISSUE}; "
+                "hardware.channels_last=false avoids it too. ")
+    return (f"torch.compile failed on the net '{name}' ({type(net).__name__}) at {where}: {reason}. gencli ran that "
+            f"call again eagerly and runs '{name}' without compile from here on (the other nets stay compiled; the "
+            f"results are those of an eager run, only slower). {hint}Set hardware.compile=false to compile no net and "
+            "silence this message.")
+
+
+def _tensors(value: Any) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, tuple | list):
+        return [t for v in value for t in _tensors(v)]
+    if isinstance(value, dict):
+        return [t for v in value.values() for t in _tensors(v)]
+    return []
+
+
+def _graphs_compiled() -> int:
+    """How many graphs Dynamo has compiled in this process (grows when a call compiles)."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:  # pragma: no cover
+        return 0
+    return int(counters["stats"]["unique_graphs"])
+
+
+class CompileGuard:
+    """Runs a net's compiled callable for its first :data:`GUARDED_CALLS` calls and falls back to eager for good
+    when torch.compile fails there (:func:`is_compile_failure`), while compiling or running the first compiled step.
+
+    - A call that compiles a new graph with gradients on also runs that graph's backward once
+      (``torch.autograd.grad`` with ``retain_graph``: no ``.grad`` is touched), because the errors of a compiled
+      backward (such as Inductor's stride assertions in ``convolution_backward``) would otherwise surface in the
+      training step's ``loss.backward()``, too late to run that net's call again.
+    - On a failure the net's buffers (batch-norm statistics) are put back as they were before the call, the call is
+      run again eagerly and its result returned, ``install(None)`` makes the net eager, ``report[name]`` says
+      ``fell back (reason)`` and one paragraph is logged. An error the eager call raises too is the net's own: it
+      propagates unchanged.
+    - After the watched calls the guard steps aside (``install(compiled)``): no cost per step from then on.
+
+    ``install(fn)`` puts ``fn`` where the guard sits (None: the eager call): for an ``nn.Module.compile``-d net that is
+    ``net._compiled_call_impl``, so no module is added and ``state_dict`` keys stay unchanged.
+    """
+
+    def __init__(self, net: torch.nn.Module, name: str, compiled: Callable, eager: Callable,
+                 install: Callable[[Callable | None], None], report: dict[str, str], channels_last: bool = False,
+                 calls: int = GUARDED_CALLS, probe_backward: bool = True):
+        self.net, self.name, self.compiled, self.eager = net, name, compiled, eager
+        self.install, self.report, self.channels_last = install, report, channels_last
+        self.calls_left = calls
+        self.probe_backward = probe_backward
+        self.fell_back: str | None = None
+        report[name] = "compiled"
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.fell_back is not None:
+            return self.eager(*args, **kwargs)
+        self.calls_left -= 1
+        if self.calls_left < 0:
+            self.install(self.compiled)
+            return self.compiled(*args, **kwargs)
+        saved = [b.detach().clone() for b in self.net.buffers()]
+        graphs = _graphs_compiled()
+        backward = False
+        try:
+            out = self.compiled(*args, **kwargs)
+            if self.probe_backward and torch.is_grad_enabled() and _graphs_compiled() != graphs:
+                backward = True
+                self._try_backward(out, args, kwargs)
+            return out
+        except Exception as err:
+            if not is_compile_failure(err):
+                raise
+            failure = err
+        with torch.no_grad():  # a compiled call that half ran may have updated running statistics
+            for buffer, value in zip(self.net.buffers(), saved):
+                buffer.copy_(value)
+        self.install(None)
+        out = self.eager(*args, **kwargs)  # an error here is the net's own, eager or not
+        self.fell_back = failure_reason(failure)
+        self.report[self.name] = f"fell back ({self.fell_back})"
+        log.warning(fallback_message(self.name, self.net, self.fell_back, backward, self.channels_last))
+        return out
+
+    def _try_backward(self, out: Any, args: tuple, kwargs: dict) -> None:
+        outputs = [t for t in _tensors(out) if t.requires_grad and t.grad_fn is not None]
+        inputs = [p for p in self.net.parameters() if p.requires_grad]
+        inputs += [t for t in _tensors((args, kwargs)) if t.requires_grad]
+        if outputs and inputs:
+            torch.autograd.grad(outputs, inputs, grad_outputs=[torch.ones_like(t) for t in outputs],
+                                retain_graph=True, allow_unused=True)
+
+
+def guard_compiled_module(net: torch.nn.Module, name: str, report: dict[str, str], channels_last: bool = False,
+                          calls: int = GUARDED_CALLS) -> CompileGuard:
+    """Put a :class:`CompileGuard` in front of a net that ``nn.Module.compile`` compiled."""
+    compiled = net._compiled_call_impl
+    if compiled is None:
+        raise ValueError(f"{name} is not compiled (nn.Module.compile was not called)")
+
+    def install(fn: Callable | None) -> None:
+        net._compiled_call_impl = fn
+
+    guard = CompileGuard(net, name, compiled, net._call_impl, install, report, channels_last, calls)
+    install(guard)
+    return guard
+
+
+def compile_record(model: torch.nn.Module) -> dict[str, Any]:
+    """What metrics.json says about compilation: ``compile`` is false (off), ``"compiled"``, or ``"fell back (net:
+    reason; ...)"`` naming each net that runs eagerly; ``compile_nets`` gives every compiled net's state."""
+    report = getattr(model, "compile_report", None)
+    if not report:
+        return {"compile": False}
+    return {"compile": fallback_summary(report) or "compiled", "compile_nets": dict(report)}
+
+
+def fallback_summary(report: dict[str, str]) -> str | None:
+    """``fell back (reason)`` for one net that fell back to eager, ``fell back (net: reason; net: reason)`` for
+    several; None when every net in ``report`` (name -> state, from the guards) stayed compiled."""
+    failed = {name: state.removeprefix("fell back (").removesuffix(")") for name, state in report.items()
+              if state != "compiled"}
+    if not failed:
+        return None
+    if len(failed) == 1 and len(report) == 1:
+        return f"fell back ({next(iter(failed.values()))})"
+    return "fell back (" + "; ".join(f"{name}: {reason}" for name, reason in failed.items()) + ")"
 
 
 #: glibc's mallopt parameters (malloc.h).

@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from gencli.metrics.timing import timed
+
 #: precision -> the autocast dtype the sampling nets run in (None: float32 as they are).
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "bf16-true": torch.bfloat16, "transformer-engine": torch.bfloat16,
                    "16-mixed": torch.float16, "16-true": torch.float16}
@@ -103,13 +105,34 @@ def _channels_last(arg: Any) -> Any:
 
 
 def wrap_forward(net: nn.Module, device: torch.device, dtype: torch.dtype | None, matmul_precision: str,
-                 channels_last: bool, compile_mode: str | None) -> None:
+                 channels_last: bool, compile_mode: str | None, name: str | None = None,
+                 report: dict[str, str] | None = None) -> None:
     """Replace ``net.forward`` (an instance attribute; undone by :func:`unwrap_forward`) with one that runs the
-    original, compiled when ``compile_mode`` is given, under the profile's autocast and matmul precision."""
+    original, compiled when ``compile_mode`` is given, under the profile's autocast and matmul precision.
+
+    A compiled forward goes through :class:`gencli.hardware.CompileGuard`: if torch.compile fails on it, the call
+    runs again eagerly, the net samples eagerly from then on and ``report[name]`` says ``fell back (reason)``. Its
+    first call (where it compiles) counts as setup in the job's time split, not as generation."""
+    from gencli.hardware import CompileGuard, compile_backend
+
     original = net.forward
-    inner = original
+    inner: Any = original
+    first_call = [False]
     if compile_mode is not None:
-        inner = torch.compile(original, mode=None if compile_mode == "default" else compile_mode)
+        compiled = torch.compile(original, mode=None if compile_mode == "default" else compile_mode,
+                                 **({"backend": compile_backend} if compile_backend is not None else {}))
+        current = [compiled]
+
+        def install(fn: Any) -> None:
+            current[0] = fn if fn is not None else original
+
+        guard = CompileGuard(net, name or type(net).__name__, compiled, original, install,
+                             report if report is not None else {}, channels_last, probe_backward=False)
+        current[0] = guard
+        first_call[0] = True
+
+        def inner(*args: Any, **kwargs: Any) -> Any:
+            return current[0](*args, **kwargs)
     copy = compile_mode in CUDA_GRAPH_MODES and device.type == "cuda"
     autocast = (functools.partial(torch.autocast, device_type=device.type, dtype=dtype) if dtype is not None
                 else contextlib.nullcontext)
@@ -120,8 +143,10 @@ def wrap_forward(net: nn.Module, device: torch.device, dtype: torch.dtype | None
             args = tuple(_channels_last(a) for a in args)
         previous = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision(matmul_precision)
+        compiling = first_call[0]
+        first_call[0] = False
         try:
-            with autocast():
+            with timed("setup") if compiling else contextlib.nullcontext(), autocast():
                 out = inner(*args, **kwargs)
         finally:
             torch.set_float32_matmul_precision(previous)
@@ -142,7 +167,7 @@ def sampling_hardware(settings, model: nn.Module, device: torch.device | str | N
     """Sample from ``model`` with the ``settings`` of a hardware profile while the context lasts; yields what it
     applied (for sample.json / metrics.json). ``settings`` is a :class:`gencli.hardware.HardwareSettings` or None
     (nothing applied)."""
-    from gencli.hardware import HardwareSettings
+    from gencli.hardware import HardwareSettings, fallback_summary
 
     settings = settings if settings is not None else HardwareSettings()
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -157,14 +182,21 @@ def sampling_hardware(settings, model: nn.Module, device: torch.device | str | N
         "outputs": "float32 (the nets' outputs are cast back; the sampler's arithmetic and noise stay float32)",
     }
     wrapped: list[nn.Module] = []
+    report: dict[str, str] = {}
     try:
-        for net in nets.values():
-            if settings.channels_last:
-                net.to(memory_format=torch.channels_last)
-            wrap_forward(net, device, dtype, settings.matmul_precision, bool(settings.channels_last), compile_mode)
-            wrapped.append(net)
+        with timed("setup"):
+            for name, net in nets.items():
+                if settings.channels_last:
+                    net.to(memory_format=torch.channels_last)
+                wrap_forward(net, device, dtype, settings.matmul_precision, bool(settings.channels_last), compile_mode,
+                             name, report)
+                wrapped.append(net)
         yield info
     finally:
+        fell_back = fallback_summary(report)
+        if fell_back:  # "fell back (reason)": the net samples eagerly, and why
+            info["compile"] = fell_back
+            info["compile_nets"] = dict(report)
         for net in wrapped:
             unwrap_forward(net)
             if settings.channels_last:

@@ -22,6 +22,7 @@ from gencli.callbacks.throughput import Throughput
 from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.config import CONF_DIR
 from gencli.errors import GencliError, Interrupted
+from gencli.hardware import compile_record
 from gencli.io import write_json
 from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
@@ -154,6 +155,9 @@ def write_outputs(cfg: DictConfig, trainer: L.Trainer, metrics: dict[str, float]
         "resumed_from": {"checkpoint": str(resume.path), "step": resume.step} if resume else None,
         "files": files,
         "provenance": {"seed": cfg.seed, "model": cfg.model._target_, "data": cfg.data._target_, **environment()},
+        # hardware.compile: false, "compiled", or "fell back (net: reason)" for a net torch.compile failed on
+        # (gencli.hardware.CompileGuard: that net trained eagerly)
+        **compile_record(trainer.lightning_module),
         # training images/s and optimiser steps/s after warm-up, as the run measured them (callbacks.throughput)
         **({"throughput": t} if (t := next((cb.report for cb in trainer.callbacks if isinstance(cb, Throughput)),
                                            None)) else {}),
