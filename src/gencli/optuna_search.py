@@ -15,6 +15,12 @@ re-run and pruning need:
   reported value), which the TPE sampler and the MedianPruner treat as such.
 - **Failures.** A job that fails (gencli records it and returns NaN) is a FAIL trial; the study goes on
   (``max_failure_rate`` 1 in gencli's configs).
+- **A study file is data.** ``optuna.db`` may come from someone else (a copied sweep folder), and every
+  parameter of a trial becomes ``name=value`` on its job's command line. So a trial is run only with exactly the
+  search space's parameters, each value inside its distribution (a choice among its choices; a number of the
+  right type inside its range, on its step): :func:`check_params`, for the trials a resume re-runs and for every
+  new one (a queued WAITING trial in the file could carry parameters of its own). Anything else refuses the whole
+  sweep in one paragraph, before any job starts, naming the parameter, the study file and the fix.
 
 The loop below follows the plugin's own ``OptunaSweeperImpl.sweep`` (hydra-optuna-sweeper 1.3), with
 those changes marked.
@@ -25,6 +31,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
+import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +41,10 @@ import optuna
 from hydra_plugins.hydra_optuna_sweeper._impl import OptunaSweeperImpl, create_params_from_overrides
 from hydra_plugins.hydra_optuna_sweeper.optuna_sweeper import OptunaSweeper
 from omegaconf import OmegaConf
+from optuna.distributions import BaseDistribution, CategoricalDistribution
 from optuna.trial import TrialState
+
+from gencli.errors import ConfigError, GencliError, RuntimeFailure
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +64,39 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
     pruner: Any = None
 
     def _configure_trials(self, trials, search_space_distributions, fixed_params):
+        # gencli: a new trial is a fresh one, or a WAITING trial the study file queued: that one must not bring
+        # parameters of its own, and every value drawn must lie inside the search space (see check_params)
+        where = self.study_file()
+        for trial in trials:
+            carried = trial.params
+            if carried:
+                name = next(iter(carried))
+                raise ConfigError(refusal(where, trial.number, f"is a queued trial that already carries the parameter "
+                                          f"{show(name)} before gencli drew any", search_space_distributions))
         overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
+        for trial in trials:
+            space = dict(search_space_distributions)
+            if self.custom_search_space_extender:  # the config's own code suggested these, in this process
+                space.update({name: dist for name, dist in trial.distributions.items() if name not in space})
+            check_params(trial.number, trial.params, space, fixed_params, where)
         # gencli: every job knows its trial, so its OptunaPruning callback can report to it
         return [(*items, f"sweep.trial={trial.number}") for items, trial in zip(overrides, trials)]
 
+    def study_file(self) -> str:
+        """Where the study is stored, as a refusal names it: the SQLite file, else the storage URL (no password)."""
+        return describe_storage(self.storage, self.study_name)
+
     def sweep(self, arguments: list[str]) -> None:
+        """The search; a refusal (a crafted or unreadable study file) is one paragraph and exit 2 (1), as in a job."""
+        try:
+            self._sweep(arguments)
+        except GencliError as err:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"gencli error: {err.message}", file=sys.stderr, flush=True)
+            sys.exit(err.exit_code)
+
+    def _sweep(self, arguments: list[str]) -> None:
         assert self.config is not None and self.launcher is not None and self.hydra_context is not None
         self._process_searchspace_config()
         params_conf = self._parse_sweeper_params_config()
@@ -69,18 +109,30 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         directions = self._get_directions()
         pruner = self.pruner() if callable(self.pruner) else self.pruner
         Path(str(self.config.hydra.sweep.dir)).mkdir(parents=True, exist_ok=True)  # the study's SQLite file is there
-        study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
-                                    pruner=pruner, directions=directions, load_if_exists=True)
+        try:
+            study = optuna.create_study(study_name=self.study_name, storage=self.storage, sampler=self.sampler,
+                                        pruner=pruner, directions=directions, load_if_exists=True)
+            stored = study.trials
+        except GencliError:
+            raise
+        except Exception as err:  # noqa: BLE001 - a corrupt or foreign file, a database that is down: one paragraph
+            first = " ".join(f"{type(err).__name__}: {err}".split())[:300]
+            raise RuntimeFailure(f"{self.study_file()} could not be opened as an Optuna study ({first}). Start a fresh "
+                                 "study (hydra.sweeper.study_name=NEW, or another hydra.sweep.dir), or delete the "
+                                 "file if it is not a study you want to keep.") from err
 
-        if study.trials:
-            self.reseed_sampler(len(study.trials))
+        if stored:
+            self.reseed_sampler(len(stored))
         # gencli: resume what a killed sweep left behind: each trial it left running is run again as itself (same
-        # trial number, parameters and job folder, with resume=auto: its training continues from its checkpoint)
-        stale = [t for t in study.trials if t.state == TrialState.RUNNING]
+        # trial number, parameters and job folder, with resume=auto: its training continues from its checkpoint).
+        # Every one is checked against the search space before any job starts (the file may be a stranger's).
+        stale = [t for t in stored if t.state == TrialState.RUNNING]
+        resumed = [(t, self.trial_overrides(t, search_space_distributions, fixed_params, self.study_file(),
+                                            len(stored))) for t in stale]
         log.info("Study %s in %s: %d trial(s) stored (%d left running by a killed sweep), %d more to run",
-                 study.study_name, self.storage, len(study.trials), len(stale), max(0, self.n_trials - len(study.trials)))
-        for trial in stale:
-            overrides = (*self.trial_overrides(trial, fixed_params), "resume=auto")
+                 study.study_name, self.study_file(), len(stored), len(stale), max(0, self.n_trials - len(stored)))
+        for trial, trial_overrides in resumed:
+            overrides = (*trial_overrides, "resume=auto")
             [ret] = self.launcher.launch([overrides], initial_job_idx=trial.number)
             self.tell(study, trial.number, ret, len(directions))
         n_to_go = self.n_trials - len(study.trials)
@@ -125,10 +177,17 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
             sampler.reseed_rng()
 
     @staticmethod
-    def trial_overrides(trial: Any, fixed_params: dict[str, Any]) -> tuple[str, ...]:
-        """The overrides a stored trial ran with (as the plugin builds them), and its number."""
+    def trial_overrides(trial: Any, space: dict[str, BaseDistribution], fixed_params: dict[str, Any], where: str,
+                        n_stored: int | None = None) -> tuple[str, ...]:
+        """The overrides a stored trial ran with (as the plugin builds them), and its number; a ConfigError unless its
+        parameters are exactly the search space's, each inside its distribution (:func:`check_params`)."""
+        number = trial.number
+        if type(number) is not int or number < 0 or (n_stored is not None and number >= n_stored):
+            raise ConfigError(refusal(where, number, f"has the number {show(number)}, which is not one of the study's "
+                                      f"(0 to {(n_stored or 1) - 1})", space))
+        check_params(number, trial.params, space, fixed_params, where)
         params = {**trial.params, **fixed_params}
-        return (*(f"{name}={value}" for name, value in params.items()), f"sweep.trial={trial.number}")
+        return (*(f"{name}={value}" for name, value in params.items()), f"sweep.trial={number}")
 
     @staticmethod
     def tell(study: optuna.Study, trial: optuna.trial.Trial | int, ret: Any, n_objectives: int) -> None:
@@ -165,3 +224,74 @@ def job_record(ret: Any) -> dict | None:
         return json.loads((folder / "job.json").read_text())
     except Exception:  # noqa: BLE001 - no record: judge the job by its return value alone
         return None
+
+
+# ----------------------------------------------------------------------------- a stored trial is data
+def check_params(number: Any, params: dict[str, Any], space: dict[str, BaseDistribution],
+                 fixed_params: dict[str, Any], where: str) -> None:
+    """A ConfigError, one paragraph, unless ``params`` (a trial's, as the study file stores them) name exactly the
+    parameters of ``space`` (those the command line fixed may be there too: the command line's value wins) and each
+    value lies inside its distribution."""
+    for name in params:
+        if name not in space and name not in fixed_params:
+            raise ConfigError(refusal(where, number, f"has the parameter {show(name)}, which the search space does not "
+                                      "declare", space))
+    for name, distribution in space.items():
+        if name not in params:
+            raise ConfigError(refusal(where, number, f"lacks the parameter {show(name)} of the search space", space))
+        problem = value_problem(params[name], distribution)
+        if problem:
+            raise ConfigError(refusal(where, number, f"has {name}={show(params[name])}, which {problem}", space))
+
+
+def value_problem(value: Any, distribution: BaseDistribution) -> str | None:
+    """Why ``value`` is not a value of ``distribution`` (choices, range, step, log scale and type), or None."""
+    if isinstance(distribution, CategoricalDistribution):
+        if any(type(value) is type(choice) and value == choice for choice in distribution.choices):
+            return None
+        return f"is not one of its choices ({', '.join(show(c) for c in distribution.choices)})"
+    low, high = getattr(distribution, "low", None), getattr(distribution, "high", None)
+    if low is None or high is None:
+        return f"cannot be checked: gencli does not know the distribution {type(distribution).__name__}"
+    integer = "Int" in type(distribution).__name__  # IntUniform, IntLogUniform (optuna 2), IntDistribution (3)
+    if integer and type(value) is not int:
+        return f"is a {type(value).__name__}, not an integer"
+    if not integer and type(value) is not float:
+        return f"is a {type(value).__name__}, not a float"
+    if not math.isfinite(value) or not low <= value <= high:
+        return f"is outside its range [{low}, {high}]"
+    log_scale = bool(getattr(distribution, "log", False)) or "Log" in type(distribution).__name__
+    if log_scale and value <= 0:
+        return "is not positive (the range is on a log scale)"
+    step = getattr(distribution, "q", None) or (None if log_scale else getattr(distribution, "step", None))
+    if step:
+        if integer and (value - low) % int(step):
+            return f"is not on its step of {step} from {low}"
+        k = (value - low) / step
+        if not integer and abs(k - round(k)) > 1e-8:
+            return f"is not on its step of {step} from {low}"
+    return None
+
+
+def refusal(where: str, number: Any, what: str, space: dict[str, BaseDistribution]) -> str:
+    names = ", ".join(space) or "none"
+    return (f"{where}: trial {show(number)} {what}. gencli runs a stored trial only with the parameters the search "
+            f"declares ({names}), each inside its range, as each becomes name=value on the job's command line; so "
+            "this study is not resumed and no job was started. Start a fresh study (hydra.sweeper.study_name=NEW, or "
+            "another hydra.sweep.dir), or delete the study file to start this one over.")
+
+
+def describe_storage(storage: Any, study_name: Any) -> str:
+    """'the Optuna study 'ae' in /path/optuna.db' (a URL's password left out)."""
+    text = str(storage)
+    if text.startswith("sqlite:///"):
+        text = text[len("sqlite:///"):]
+    else:
+        text = re.sub(r"(//[^:/@]*):[^@/]*@", r"\1:***@", text)
+    return f"the Optuna study {show(study_name)} in {text}"
+
+
+def show(value: Any, most: int = 120) -> str:
+    """A value from a file, for a message: repr (quotes, escapes), cut short."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."

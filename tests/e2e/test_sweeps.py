@@ -146,6 +146,35 @@ def test_an_optuna_study_killed_after_one_trial_resumes_and_ends_with_three_tria
     assert min(t.value for t in trials) == pytest.approx(float(summary(sweep)[0]["value"]))
 
 
+def test_a_crafted_study_file_is_refused_before_any_job_and_a_sound_one_resumes(tmp_path):
+    """optuna.db from a stranger: a RUNNING trial whose parameter is not the search's would become an override of
+    the job (here: where Hydra writes the job's log). One paragraph, exit 2, no job; a sound trial resumes."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit"))
+    from test_study_file import GOOD, crafted
+
+    log = tmp_path / "owned.log"
+    sweep = tmp_path / "crafted"
+    sweep.mkdir()
+    crafted(sweep / "optuna.db", {**GOOD, "hydra.job_logging.handlers.file.filename": str(log)})
+    result = run(tmp_path, "hparams_search=ae_optuna", *TINY[1:], "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sweep}")
+    assert result.returncode == 2, describe(result)
+    assert "Traceback" not in result.stderr and "gencli error:" in result.stderr
+    assert "'hydra.job_logging.handlers.file.filename', which the search space does not declare" in result.stderr
+    assert f"{sweep}/optuna.db" in result.stderr
+    assert sorted(p.name for p in sweep.iterdir()) == ["optuna.db"] and not log.exists()  # no job ran
+
+    sound = tmp_path / "sound"
+    sound.mkdir()
+    crafted(sound / "optuna.db", GOOD)
+    result = run(tmp_path, "hparams_search=ae_optuna", *TINY[1:], "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={sound}")
+    assert result.returncode == 0, describe(result)
+    from optuna.trial import TrialState
+
+    [trial] = study_trials(sound, "ae")
+    assert trial.state == TrialState.COMPLETE and trial.params == GOOD
+    assert "model.latent_dim=16" in records(sound)["0"]["overrides"]
+
+
 def test_ddp_trials_of_an_optuna_sweep_train_the_same_hyperparameters_on_both_ranks(tmp_path):
     """trainer=ddp_cpu: Lightning re-runs the command for rank 1; it must join its trial, not start a sweep."""
     sweep = tmp_path / "sweep"
