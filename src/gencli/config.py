@@ -222,6 +222,7 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
     from omegaconf.errors import OmegaConfBaseException
 
     from gencli.schema import validate
+    from gencli.sweep import check_sweeper
 
     args = quote_unlexable(args)
     for arg in args:
@@ -248,6 +249,7 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
                 raise composition_error(err, verb, config_name, single) from err
             check_output_folder(cfg, multirun)
             with_runtime(cfg, multirun)
+            check_sweeper(cfg, multirun)  # hparams_search= without optuna: one paragraph, not Hydra's traceback
             validate(cfg, verb)
     finally:
         GlobalHydra.instance().clear()

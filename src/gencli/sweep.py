@@ -57,6 +57,45 @@ def job_overrides() -> list[str]:
     return list(runtime.overrides.task) if runtime is not None else []
 
 
+# ----------------------------------------------------------------------------- the Optuna sweeper's packages
+#: sweepers (``hydra.sweeper._target_`` prefixes) that need optuna and hydra-optuna-sweeper
+OPTUNA_SWEEPERS = ("hydra_plugins.gencli_sweepers.", "hydra_plugins.hydra_optuna_sweeper.")
+#: what gencli's own requirements pin for the Optuna search (pyproject.toml): the plugin, and the SQLite stack its
+#: optuna 2.x needs to store a study
+OPTUNA_INSTALL = "pip install 'hydra-optuna-sweeper>=1.2' 'sqlalchemy>=1.4,<2' 'alembic>=1.5,<1.14'"
+
+
+def require_optuna(asked_by: str) -> None:
+    """ConfigError, one paragraph with the pip command, when the Optuna search cannot be loaded."""
+    import importlib
+
+    try:
+        importlib.import_module("optuna")
+        importlib.import_module("hydra_plugins.hydra_optuna_sweeper._impl")
+    except ImportError as err:
+        from gencli.errors import ConfigError
+
+        reason = " ".join(f"{type(err).__name__}: {err}".split())[:200]
+        raise ConfigError(f"{asked_by} runs an Optuna search, which needs the optuna and hydra-optuna-sweeper "
+                          f"packages, and they cannot be imported ({reason}). Install them: {OPTUNA_INSTALL} "
+                          "(gencli's own requirements; 'pip install -e .' in a gencli checkout installs them too), "
+                          "or run a plain sweep without hparams_search= (gencli train -m key=a,b).") from err
+
+
+def check_sweeper(cfg: Any, multirun: bool) -> None:
+    """Before Hydra starts (``gencli.config.precheck``): a search whose sweeper needs optuna, without optuna, is one
+    paragraph, not Hydra's 'Unknown plugin class' traceback. Other commands never import optuna."""
+    from omegaconf import OmegaConf
+
+    mode = OmegaConf.select(cfg, "hydra.mode", default=None)
+    if not (multirun or str(getattr(mode, "name", mode)).upper() == "MULTIRUN"):
+        return
+    target = OmegaConf.select(cfg, "hydra.sweeper._target_", default=None)
+    if isinstance(target, str) and target.startswith(OPTUNA_SWEEPERS):
+        choice = OmegaConf.select(cfg, "hydra.runtime.choices.hparams_search", default=None)
+        require_optuna(f"hparams_search={choice}" if choice else f"hydra.sweeper._target_={target}")
+
+
 # ----------------------------------------------------------------------------- the record of one job
 def write_job_record(out_dir: str | Path, status: str, value: Any = None, reason: str | None = None,
                      exit_code: int = 0, seconds: float = 0.0) -> Path:
