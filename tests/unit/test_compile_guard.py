@@ -17,8 +17,14 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 
 from gencli import hardware
-from gencli.hardware import (GUARDED_CALLS, CompileGuard, HardwareSettings, compile_record, failure_reason,
-                             is_compile_failure)
+from gencli.hardware import (
+    GUARDED_CALLS,
+    CompileGuard,
+    HardwareSettings,
+    compile_record,
+    failure_reason,
+    is_compile_failure,
+)
 from gencli.nets.dcgan import DCGANDiscriminator, DCGANGenerator
 
 STRIDE_ERROR = "expected size 256==256, stride 16==1 at dim=1; expected size 4==4, stride 4==1024 at dim=2"

@@ -17,10 +17,22 @@ Options the GAN configs use:
   state_dict and checkpoints load with ``weights_only=True``;
 - ``init_std``: the DCGAN paper's N(0, init_std) initialisation of conv weights (BN scales
   N(1, init_std), biases 0); null keeps PyTorch's default initialisation.
+
+The two layers whose maps are 1x1 (the generator's first transposed convolution, from the latent seen as a
+(N, latent_dim, 1, 1) map, and the discriminator's last convolution, down to one (N, 1, 1, 1) score) run as the
+matrix products they are (:func:`latent_to_map`, :func:`map_to_score`), on the same parameters (``state_dict``
+unchanged). A (N, C, 1, 1) tensor is contiguous in both the NCHW and the channels-last layout, and a convolution
+over one is where the memory layouts that torch.compile's Inductor predicts for ``convolution_backward`` and those
+cuDNN returns can differ under ``hardware.channels_last=true`` (pytorch/pytorch#171622, "[inductor]
+convolution_backward meta kernel produces incorrect stride predictions for channels_last tensors"): the DCGAN recipe
+crashed at its first step on a GPU with ``AssertionError: expected size 256==256, stride 16==1 at dim=1 ... Error in
+op: torch.ops.aten.convolution_backward.default``. As products, no convolution sees an ambiguous layout, and the 4x4
+map leaves the generator's first layer in the layout of the next layer's weight.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm as apply_spectral_norm
 
@@ -63,6 +75,35 @@ class ConditionalNorm(nn.Module):
 
     def forward(self, h: Tensor, y: Tensor) -> Tensor:
         return self.norm(h) * self.gain(y)[:, :, None, None] + self.bias(y)[:, :, None, None]
+
+
+def _channels_last(t: Tensor) -> bool:
+    """Whether ``t`` (4-d) is in the channels-last layout and not also plain NCHW-contiguous."""
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+def latent_to_map(conv: nn.ConvTranspose2d, z: Tensor) -> Tensor:
+    """``conv`` (kernel k, stride 1, no padding) applied to ``z`` (N, latent_dim) seen as a 1x1 map: the (N, C, k, k)
+    map z @ W[latent_dim, C*k*k] + bias, the same numbers as the convolution. Returned in the layout of ``conv``'s
+    weight (channels-last when ``hardware.channels_last`` made the nets so), which the next layer's weight has too."""
+    weight = conv.weight
+    h = (z @ weight.reshape(weight.shape[0], -1)).view(len(z), *weight.shape[1:])
+    if conv.bias is not None:
+        h = h + conv.bias.view(1, -1, 1, 1).to(h.dtype)
+    return h.contiguous(memory_format=torch.channels_last) if _channels_last(weight) else h
+
+
+def map_to_score(conv: nn.Conv2d, h: Tensor) -> Tensor:
+    """``conv`` (one output channel, a kernel the size of ``h``'s map, no padding) applied to ``h`` (N, C, k, k): one
+    score per image, sum over C, y, x of h * W + bias, the same numbers as the (N, 1, 1, 1) convolution output. The
+    sum runs in ``h``'s own memory order (no copy of a channels-last ``h``)."""
+    weight = conv.weight
+    if _channels_last(h):  # (N, k, k, C) in memory: a plain view, and the weight viewed alike
+        flat, w = h.permute(0, 2, 3, 1).reshape(len(h), -1), weight.permute(0, 2, 3, 1).reshape(1, -1)
+    else:
+        flat, w = h.reshape(len(h), -1), weight.reshape(1, -1)
+    score = (flat @ w.to(flat.dtype).t()).flatten()
+    return score + conv.bias.to(score.dtype) if conv.bias is not None else score
 
 
 def dcgan_channels(n_stages: int, base_channels: int, max_channels: int) -> list[int]:
@@ -131,14 +172,16 @@ class DCGANGenerator(nn.Module):
                 nn.init.zeros_(m.bias.weight)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        h = z.view(len(z), self.latent_dim, 1, 1)
+        # the first transposed convolution, from the latent as a 1x1 map, is the matrix product it is (see the
+        # module's docstring: no convolution over an ambiguous (N, latent_dim, 1, 1) layout)
+        h = latent_to_map(self.net[0], z.reshape(len(z), self.latent_dim))
         if not self.num_classes:
             if y is not None:
                 raise ValueError("class labels were given to an unconditional generator (num_classes=null)")
-            return self.net(h)
+            return self.net[1:](h)
         if y is None:
             raise ValueError("a class-conditional generator needs the labels y")
-        for layer in self.net:
+        for layer in self.net[1:]:
             h = layer(h, y) if isinstance(layer, ConditionalNorm) else layer(h)
         return h
 
@@ -187,11 +230,13 @@ class DCGANDiscriminator(nn.Module):
                 apply_spectral_norm(self.embed)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        if self.embed is None:
-            if y is not None:
-                raise ValueError("class labels were given to an unconditional discriminator (num_classes=null)")
-            return self.net(x).flatten()
-        if y is None:
+        if self.embed is None and y is not None:
+            raise ValueError("class labels were given to an unconditional discriminator (num_classes=null)")
+        if self.embed is not None and y is None:
             raise ValueError("a projection discriminator needs the labels y")
         h = self.net[:-1](x)
-        return self.net[-1](h).flatten() + (self.embed(y) * h.sum((2, 3))).sum(1)
+        # the last convolution, down to a 1x1 map, is the product it is (see the module's docstring)
+        score = map_to_score(self.net[-1], h)
+        if self.embed is None:
+            return score
+        return score + (self.embed(y) * h.sum((2, 3))).sum(1)
