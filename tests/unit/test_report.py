@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -269,3 +270,109 @@ def test_curve_families_group_one_quantity_per_plot():
     assert {family_of(c) for c in ("lr", "lr-Adam", "lr-Adam-1", "lr/generator", "lr/discriminator")} == {
         "learning rate"}
     assert family_of("train/d_loss") == "d_loss" and family_of("fid") == "fid"
+
+
+# ----------------------------------------------------------------------------- only the folder's own files
+SECRET = "SECRET-7f3a-not-for-reports"
+
+
+def outside_files(where: Path) -> dict[str, Path]:
+    """Files outside the reported folder, each holding SECRET, as a stranger's links would reach for them."""
+    where.mkdir(parents=True, exist_ok=True)
+    files = {"config.yaml": where / "config.yaml", "metrics.json": where / "metrics.json",
+             "metrics.csv": where / "metrics.csv", "grid.png": where / "grid.png"}
+    files["config.yaml"].write_text(yaml.safe_dump({"task_name": "train", "password": SECRET}))
+    files["metrics.json"].write_text(json.dumps({"metrics": {SECRET: 1.0}, "status": SECRET}))
+    files["metrics.csv"].write_text(f"step,{SECRET}\n1,2.0\n2,3.0\n")
+    png(files["grid.png"], 7, (31, 17))
+    return files
+
+
+def relink(path: Path, target: Path) -> None:
+    path.unlink()
+    path.symlink_to(target)
+
+
+def test_links_out_of_the_folder_are_not_read_and_each_is_a_note(run_dir, tmp_path):
+    outside = outside_files(tmp_path / "elsewhere")
+    relink(run_dir / ".hydra" / "config.yaml", outside["config.yaml"])
+    relink(run_dir / "metrics.json", outside["metrics.json"])
+    relink(run_dir / "csv" / "metrics.csv", outside["metrics.csv"])
+    relink(run_dir / "samples" / "step_0000020.png", outside["grid.png"])
+    parsed, notes, page = report(run_dir)
+    assert SECRET not in page
+    assert all((image.width, image.height) != (31, 17) for image, _ in parsed.images)  # the outside PNG
+    for name in (".hydra/config.yaml", "metrics.json", "csv/metrics.csv", "samples/step_0000020.png"):
+        assert any(note.startswith(f"{run_dir / name}: is a symbolic link") and "leads outside" in note
+                   for note in notes), (name, notes)
+    assert "leads outside" in parsed.text and "Not everything could be read" in parsed.text
+    assert "step 10: samples (step_0000010.png)" in [alt for _, alt in parsed.images]  # the rest stands
+
+
+def test_a_linked_folder_out_is_not_read_and_links_that_stay_inside_are(run_dir, tmp_path):
+    outside = outside_files(tmp_path / "elsewhere" / ".hydra")
+    (run_dir / ".hydra" / "config.yaml").unlink()
+    (run_dir / ".hydra" / "overrides.yaml").unlink()
+    (run_dir / ".hydra").rmdir()
+    (run_dir / ".hydra").symlink_to(outside["config.yaml"].parent, target_is_directory=True)
+    checkpoints = run_dir / "checkpoints"
+    (checkpoints / "last.ckpt").rename(checkpoints / "epoch_1.ckpt")
+    (checkpoints / "last.ckpt").symlink_to("epoch_1.ckpt")  # Lightning's save_last="link": inside, so followed
+    (tmp_path / "elsewhere" / "secret.ckpt").write_bytes(SECRET.encode())
+    (checkpoints / "best.ckpt").symlink_to(tmp_path / "elsewhere" / "secret.ckpt")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    metrics["files"]["best_checkpoint"] = str(checkpoints / "best.ckpt")
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+    parsed, notes, page = report(run_dir)
+    assert SECRET not in page and "password" not in page
+    assert any(note.startswith(f"{run_dir / '.hydra' / 'config.yaml'}: is a symbolic link") for note in notes)
+    assert parsed.row("last_checkpoint")[3] == hashlib.sha256(b"weights").hexdigest()  # through the inside link
+    assert parsed.row("best_checkpoint")[2:] == ["-", "not in this folder"]  # never hashed, never read
+    assert hashlib.sha256(SECRET.encode()).hexdigest() not in page
+
+
+def test_a_file_over_its_cap_is_left_out_with_a_note(run_dir, monkeypatch):
+    from gencli.reports import read
+
+    config = yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text())
+    config["padding"] = "PADDING-MARKER " * 200
+    (run_dir / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    monkeypatch.setattr(read, "MAX_TEXT_BYTES", 2000)
+    monkeypatch.setattr(read, "MAX_IMAGE_BYTES", 100)
+    parsed, notes, page = report(run_dir)
+    assert "PADDING-MARKER" not in page
+    assert any(note.startswith(f"{run_dir / '.hydra' / 'config.yaml'}: is ") and "more than the 2000 bytes a report "
+               "reads" in note for note in notes), notes
+    assert any("final.png: is " in note and "more than the 100 bytes" in note for note in notes)
+    assert not [alt for _, alt in parsed.images if "step " in alt or alt.startswith("final")]  # every grid over 100 B
+    assert parsed.row("val/loss")[1] == "1.5"  # the small files are read as ever
+
+
+def test_a_pipe_in_the_folder_is_a_note_not_a_hang(run_dir):
+    (run_dir / "metrics.json").unlink()
+    os.mkfifo(run_dir / "metrics.json")  # nobody writes it: opening it for reading would block
+    _, notes, _ = report(run_dir)
+    assert any(note == f"{run_dir / 'metrics.json'}: is a device, pipe or socket, not a regular file; not read"
+               for note in notes), notes
+
+
+def test_a_sweep_s_job_folder_linked_out_and_a_related_run_s_grid_linked_out_are_not_read(tmp_path, run_dir):
+    folder = make_sweep(tmp_path / "sweep")
+    stranger = make_run(tmp_path / "elsewhere" / "stranger")
+    record = {"status": "completed", "value": 0.1, "optimized_metric": "val/loss", "overrides": [f"model.note={SECRET}"],
+              "metrics": {"val/loss": 0.1}}
+    (stranger / "job.json").write_text(json.dumps(record))
+    (folder / "4").symlink_to(stranger, target_is_directory=True)
+    parsed, notes, page = report(folder)
+    assert SECRET not in page
+    assert any(note.startswith(f"{folder / '4' / 'job.json'}: is a symbolic link") for note in notes), notes
+    # a sample run of the run's checkpoint whose samples.png is a link out of that sample run
+    outside = outside_files(tmp_path / "elsewhere2")
+    sample = tmp_path / "outputs" / "sample" / "runs" / "s1"
+    sample.mkdir(parents=True)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    (sample / "job.json").write_text(json.dumps({"status": "completed", "overrides": [f"ckpt={ckpt}", "n=4"]}))
+    (sample / "samples.png").symlink_to(outside["grid.png"])
+    parsed, notes, _ = report(run_dir, related=[str(tmp_path / "outputs" / "sample")])
+    assert "s1: n=4" not in [alt for _, alt in parsed.images]
+    assert any(note.startswith(f"{sample / 'samples.png'}: is a symbolic link") for note in notes), notes

@@ -7,6 +7,14 @@ shows it instead of failing or silently leaving a piece out. JSON and YAML are p
 ``yaml.safe_load``), CSV as text, images are decoded and re-encoded by Pillow; nothing is unpickled, no
 OmegaConf resolver runs (:func:`resolve_references` replaces ``${a.b}`` references itself and leaves any
 ``${resolver:...}`` call as written: a stranger's ``${oc.env:SECRET}`` must not end up in a report you share).
+
+:func:`open_inside` is the one door every file a report reads goes through (configs, records, CSVs, images, the
+checkpoints it hashes). Each reader names the folder it reads for (``root``: the run or sweep being reported, or an
+eval/sample run of its checkpoints) and a file is read only when it is a regular file whose real path lies inside
+that folder: a symbolic link that leads out of it (``.hydra/config.yaml -> /etc/passwd``) is left out with a note,
+and so are devices, pipes and sockets (a FIFO would hang the report, ``/dev/zero`` never end). Links that stay inside
+(``last.ckpt -> epoch_3.ckpt``) are followed. Each kind of file has a size cap: a bigger file is left out with a
+note, and no read goes past the cap even if the file grows while it is read.
 """
 
 from __future__ import annotations
@@ -15,13 +23,15 @@ import csv
 import io
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 #: Bigger files are not read (a report is a summary; these bounds are far above what gencli writes).
-MAX_TEXT_BYTES = 32 * 2**20
+MAX_TEXT_BYTES = 8 * 2**20
 MAX_CSV_BYTES = 256 * 2**20
 MAX_IMAGE_BYTES = 32 * 2**20
 MAX_IMAGE_PIXELS = 40_000_000
@@ -36,33 +46,115 @@ class Notes(list):
         self.append(f"{path}: {problem}")
 
 
-def _size_ok(path: Path, limit: int, notes: Notes) -> bool:
-    try:
-        size = path.stat().st_size
-    except OSError as err:
-        notes.add(path, f"cannot be read ({err.strerror or err})")
-        return False
-    if size > limit:
-        notes.add(path, f"{size / 2**20:.0f} MiB, more than the {limit // 2**20} MiB a report reads; left out")
-        return False
-    return True
+def _mib(size: int) -> str:
+    return f"{size / 2**20:.0f} MiB" if size >= 2**20 else f"{size} bytes"
 
 
-def read_text(path: Path, notes: Notes, limit: int = MAX_TEXT_BYTES) -> str | None:
-    if not path.is_file():
-        return None
-    if not _size_ok(path, limit, notes):
+def open_inside(path: Path, notes: Notes, *, root: Path, limit: int) -> BinaryIO | None:
+    """``path`` opened for reading (binary), or None: missing (no note: the caller says whether that matters), or
+    not a regular file inside ``root`` once every link is followed, or more than ``limit`` bytes (each with a note).
+
+    The real path is checked against the real path of ``root``, and that resolved path is what gets opened, with
+    ``O_NOFOLLOW`` (no link swapped in at the last step) and ``O_NONBLOCK`` (a pipe cannot block the open); the
+    opened file itself must be a regular file no larger than ``limit``."""
+    path = Path(path)
+    if not os.path.lexists(path):
         return None
     try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except OSError as err:
-        notes.add(path, f"cannot be read ({err.strerror or err})")
+        real, base = os.path.realpath(path), os.path.realpath(root)
+    except (OSError, ValueError) as err:
+        notes.add(path, f"cannot be read ({getattr(err, 'strerror', None) or err}); left out")
         return None
+    if os.path.commonpath([real, base]) != base:
+        notes.add(path, f"is a symbolic link (or lies below one) that leads outside {root}; not read: a report reads "
+                        "only the files inside the folder it reports")
+        return None
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(real, flags)
+    except FileNotFoundError:  # a link inside the folder to a file that is not there: as missing
+        return None
+    except OSError as err:
+        notes.add(path, f"cannot be read ({err.strerror or err}); left out")
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            what = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, pipe or socket"
+            notes.add(path, f"is {what}, not a regular file; not read")
+            os.close(fd)
+            return None
+        if info.st_size > limit:
+            notes.add(path, f"is {_mib(info.st_size)}, more than the {_mib(limit)} a report reads of such a file; "
+                            "left out")
+            os.close(fd)
+            return None
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
-def read_json(path: Path, notes: Notes) -> dict | None:
+def read_bytes(path: Path, notes: Notes, *, root: Path, limit: int) -> bytes | None:
+    """The whole file (at most ``limit`` bytes; a file that grew past it while read is left out with a note)."""
+    f = open_inside(path, notes, root=root, limit=limit)
+    if f is None:
+        return None
+    try:
+        with f:
+            data = f.read(limit + 1)
+    except OSError as err:
+        notes.add(path, f"cannot be read ({err.strerror or err}); left out")
+        return None
+    if len(data) > limit:
+        notes.add(path, f"grew past the {_mib(limit)} a report reads of such a file while it was read; left out")
+        return None
+    return data
+
+
+def file_size(path: Path, root: Path) -> int | None:
+    """The size of a regular file whose real path is inside ``root``; None for anything else (nothing is read)."""
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(root)
+        if os.path.commonpath([real, base]) != base:
+            return None
+        info = os.stat(real, follow_symlinks=False)
+    except (OSError, ValueError):
+        return None
+    return info.st_size if stat.S_ISREG(info.st_mode) else None
+
+
+def sha256_of(path: Path, notes: Notes, *, root: Path, limit: int) -> str | None:
+    """The SHA-256 of a file inside ``root`` (read in blocks, at most ``limit`` bytes), or None with a note."""
+    import hashlib
+
+    f = open_inside(path, notes, root=root, limit=limit)
+    if f is None:
+        return None
+    digest, seen = hashlib.sha256(), 0
+    try:
+        with f:
+            for block in iter(lambda: f.read(2**20), b""):
+                seen += len(block)
+                if seen > limit:
+                    notes.add(path, f"grew past {_mib(limit)} while it was hashed; not hashed")
+                    return None
+                digest.update(block)
+    except OSError as err:
+        notes.add(path, f"cannot be read to hash ({err.strerror or err})")
+        return None
+    return digest.hexdigest()
+
+
+def read_text(path: Path, notes: Notes, *, root: Path, limit: int | None = None) -> str | None:
+    """The file as UTF-8 text (undecodable bytes replaced), at most ``limit`` bytes (:data:`MAX_TEXT_BYTES`)."""
+    data = read_bytes(path, notes, root=root, limit=MAX_TEXT_BYTES if limit is None else limit)
+    return None if data is None else data.decode("utf-8", errors="replace")
+
+
+def read_json(path: Path, notes: Notes, *, root: Path, limit: int | None = None) -> dict | None:
     """A JSON object, or None (missing; or corrupt / not an object, with a note)."""
-    text = read_text(path, notes)
+    text = read_text(path, notes, root=root, limit=limit)
     if text is None:
         return None
     try:
@@ -76,11 +168,11 @@ def read_json(path: Path, notes: Notes) -> dict | None:
     return data
 
 
-def read_yaml(path: Path, notes: Notes) -> Any:
+def read_yaml(path: Path, notes: Notes, *, root: Path) -> Any:
     """YAML as plain data (``yaml.safe_load``: no tags that build objects), or None with a note."""
     import yaml
 
-    text = read_text(path, notes)
+    text = read_text(path, notes, root=root)
     if text is None:
         return None
     try:
@@ -156,15 +248,15 @@ INDEX_COLUMNS = ("step", "epoch", "created_at")
 MAX_CSV_ROWS = 2_000_000
 
 
-def read_curves(path: Path, notes: Notes) -> Curves | None:
+def read_curves(path: Path, notes: Notes, *, root: Path) -> Curves | None:
     """``csv/metrics.csv`` (Lightning's CSVLogger): one row per logging call, blank where a column was not logged."""
-    if not path.is_file():
-        return None
-    if not _size_ok(path, MAX_CSV_BYTES, notes):
+    raw = open_inside(path, notes, root=root, limit=MAX_CSV_BYTES)
+    if raw is None:
         return None
     curves, failed, garbled = Curves(), False, 0
     try:
-        with path.open(newline="", encoding="utf-8", errors="replace") as f:
+        with io.TextIOWrapper(io.BufferedReader(Bounded(raw, MAX_CSV_BYTES)), newline="", encoding="utf-8",
+                              errors="replace") as f:
             reader = csv.DictReader(f)
             columns = [c for c in (reader.fieldnames or []) if c is not None]
             if "step" not in columns:
@@ -203,6 +295,28 @@ def read_curves(path: Path, notes: Notes) -> Curves | None:
     return curves
 
 
+class Bounded(io.RawIOBase):
+    """A binary file read no further than ``limit`` bytes (a file that grows while it is read ends there)."""
+
+    def __init__(self, f: BinaryIO, limit: int):
+        self.f, self.left = f, limit
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.left <= 0:
+            return 0
+        data = self.f.read(min(len(buffer), self.left))
+        buffer[: len(data)] = data
+        self.left -= len(data)
+        return len(data)
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
 def number(text: Any) -> float | None:
     if text is None:
         return None
@@ -230,15 +344,14 @@ class Picture:
     source: Path
 
 
-def read_image(path: Path, notes: Notes) -> Picture | None:
-    if not path.is_file():
-        return None
-    if not _size_ok(path, MAX_IMAGE_BYTES, notes):
+def read_image(path: Path, notes: Notes, *, root: Path) -> Picture | None:
+    data = read_bytes(path, notes, root=root, limit=MAX_IMAGE_BYTES)
+    if data is None:
         return None
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with Image.open(io.BytesIO(data)) as image:
             if image.width * image.height > MAX_IMAGE_PIXELS:
                 notes.add(path, f"is {image.width}x{image.height} pixels, more than a report embeds; left out")
                 return None

@@ -13,7 +13,6 @@ Sections, each built from one kind of file and each saying so when its file is m
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -26,12 +25,14 @@ from gencli.reports.plots import curve_families, curves_png
 from gencli.reports.read import (
     Notes,
     TooLarge,
+    file_size,
     read_curves,
     read_image,
     read_json,
     read_text,
     read_yaml,
     resolve_references,
+    sha256_of,
 )
 
 
@@ -75,9 +76,10 @@ class RunFiles:
 
     @classmethod
     def read(cls, folder: Path, notes: Notes) -> RunFiles:
-        return cls(config=read_yaml(folder / ".hydra" / "config.yaml", notes),
-                   overrides=read_yaml(folder / ".hydra" / "overrides.yaml", notes),
-                   metrics=read_json(folder / "metrics.json", notes), job=read_json(folder / "job.json", notes))
+        return cls(config=read_yaml(folder / ".hydra" / "config.yaml", notes, root=folder),
+                   overrides=read_yaml(folder / ".hydra" / "overrides.yaml", notes, root=folder),
+                   metrics=read_json(folder / "metrics.json", notes, root=folder),
+                   job=read_json(folder / "job.json", notes, root=folder))
 
 
 def dig(tree: Any, *keys: str) -> Any:
@@ -118,7 +120,7 @@ def curves_section(folder: Path, notes: Notes) -> str:
     path = find_csv(folder)
     if path is None:
         return html.paragraph("No csv/metrics.csv in this folder (logger=csv writes it): no curves.")
-    curves = read_curves(path, notes)
+    curves = read_curves(path, notes, root=folder)
     if curves is None or not curves.series:
         return html.paragraph(f"{path.relative_to(folder)} holds no curves (see the notes above).")
     families = curve_families(curves)
@@ -173,7 +175,7 @@ def grids_section(folder: Path, notes: Notes, max_grids: int) -> str:
     shown = spread(steps, max(max_grids - len(finals), 2)) + finals
     body = [html.paragraph(f"{len(shown)} of {len(grids)} grid(s)" + ("" if len(shown) == len(grids) else
                            f" (evenly spaced; max_grids={max_grids})") + ", the same fixed-seed images at each step.")]
-    pictures = [(caption, read_image(path, notes)) for caption, path in shown]
+    pictures = [(caption, read_image(path, notes, root=folder)) for caption, path in shown]
     body.append(html.figures(html.image(picture, caption, "grid") for caption, picture in pictures if picture))
     return "".join(body)
 
@@ -227,22 +229,15 @@ def local_copy(folder: Path, recorded: Any) -> Path | None:
 
 def file_facts(folder: Path, recorded: Any, notes: Notes) -> tuple[Any, Any]:
     path = local_copy(folder, recorded)
-    if path is None:
+    size = None if path is None else file_size(path, folder)
+    if path is None or size is None:
         return "-", "not in this folder"
-    size = path.stat().st_size
     if path.suffix not in HASHED_SUFFIXES:
         return size, "-"
     if size > MAX_HASHED_BYTES:
         return size, "not hashed (too large)"
-    digest = hashlib.sha256()
-    try:
-        with path.open("rb") as f:
-            for block in iter(lambda: f.read(2**20), b""):
-                digest.update(block)
-    except OSError as err:
-        notes.add(path, f"cannot be read to hash ({err.strerror or err})")
-        return size, "unreadable"
-    return size, digest.hexdigest()
+    digest = sha256_of(path, notes, root=folder, limit=MAX_HASHED_BYTES)
+    return size, digest or "unreadable"
 
 
 # ----------------------------------------------------------------------------- evaluations / samples
@@ -252,8 +247,6 @@ MAX_SCANNED = 5000
 def related_runs(folder: Path, roots: list[str]) -> list[Path]:
     """Run folders (up to 3 levels below each root, and below ``folder`` itself) whose ``job.json`` names a
     ``ckpt=`` file inside ``folder``."""
-    import json
-
     found: dict[Path, None] = {}
     scanned = 0
     starts = [Path(os.path.expanduser(str(root))) for root in roots] + [folder]
@@ -273,12 +266,11 @@ def related_runs(folder: Path, roots: list[str]) -> list[Path]:
                     path = Path(entry.path)
                     if entry.name in ("checkpoints", "csv", ".hydra", "samples", "images"):
                         continue
-                    record = path / "job.json"
-                    if record.is_file() and record.stat().st_size < 2**20 and path.resolve() != folder.resolve():
-                        try:
-                            overrides = json.loads(record.read_text()).get("overrides") or []
-                        except (ValueError, OSError, AttributeError, RecursionError):
-                            overrides = []
+                    if path.resolve() != folder.resolve():
+                        # a run's own record, inside that run (a link out of it is not read); what cannot be read
+                        # is simply not a related run: no note for each of the thousands of folders scanned
+                        record = read_json(path / "job.json", Notes(), root=path, limit=2**20) or {}
+                        overrides = record.get("overrides") if isinstance(record.get("overrides"), list) else []
                         ckpts = [str(o).split("=", 1)[1] for o in overrides if str(o).startswith("ckpt=")]
                         if any(inside(Path(c), folder) for c in ckpts):
                             found[path] = None
@@ -296,14 +288,14 @@ def related_section(folder: Path, options: Options, notes: Notes) -> str:
     body = [html.paragraph(f"{len(runs)} run(s) of this run's checkpoints, found under {searched}.")]
     evals, grids = [], []
     for run in runs:
-        job = read_json(run / "job.json", notes) or {}
+        job = read_json(run / "job.json", notes, root=run) or {}
         settings = " ".join(str(o) for o in job.get("overrides") or [] if not str(o).startswith("ckpt="))
-        result = read_json(run / "metrics.json", notes)
+        result = read_json(run / "metrics.json", notes, root=run)
         if result is not None and isinstance(result.get("metrics"), dict):
             evals.append((run, settings, job, result))
         for name in ("samples.png",):
             if (run / name).is_file():
-                grids.append((f"{run.name}: {settings or '(defaults)'}", run / name))
+                grids.append((f"{run.name}: {settings or '(defaults)'}", run / name, run))
     if evals:
         names = sorted({k for _, _, _, r in evals for k in r["metrics"]})
         rows = [(str(run.name), settings or "(defaults)", job.get("status"), *(result["metrics"].get(n) for n in names),
@@ -317,8 +309,8 @@ def related_section(folder: Path, options: Options, notes: Notes) -> str:
     if grids:
         shown = grids[: options.max_grids]
         body.append("<h3>gencli sample</h3>" + html.figures(
-            html.image(picture, caption, "grid") for caption, path in shown
-            if (picture := read_image(path, notes)) is not None))
+            html.image(picture, caption, "grid") for caption, path, run in shown
+            if (picture := read_image(path, notes, root=run)) is not None))
         if len(grids) > len(shown):
             body.append(html.paragraph(f"({len(grids) - len(shown)} more not shown; max_grids={options.max_grids})"))
     return "".join(body)
@@ -340,7 +332,7 @@ def config_section(folder: Path, pieces: RunFiles, notes: Notes) -> str:
                    "calls such as ${oc.env:...} are shown as written, never run.")
     except (TooLarge, yaml.YAMLError, RecursionError):
         notes.add(folder / ".hydra" / "config.yaml", "too large to resolve; shown as written")
-        shown = read_text(folder / ".hydra" / "config.yaml", notes) or ""
+        shown = read_text(folder / ".hydra" / "config.yaml", notes, root=folder) or ""
         caption = "The composed config as written (.hydra/config.yaml)."
     body.append("<h3>Composed config</h3>" + html.paragraph(caption) + html.pre(shown))
     return "".join(body)

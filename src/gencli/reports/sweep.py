@@ -58,11 +58,11 @@ def jobs_of(folder: Path, notes: Notes) -> list[Job]:
     children = sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")),
                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
     for child in children:
-        record = read_json(child / "job.json", notes)
+        record = read_json(child / "job.json", notes, root=folder)
         if record is None:
             if not (child / ".hydra").is_dir():
                 continue  # not a job folder (an Optuna study's files, a report's own folder...)
-            overrides = read_yaml(child / ".hydra" / "overrides.yaml", notes)
+            overrides = read_yaml(child / ".hydra" / "overrides.yaml", notes, root=folder)
             record = {"status": "unfinished", "reason": "no readable job.json: the job was killed, is still running, "
                       "or its record is corrupt", "overrides": overrides if isinstance(overrides, list) else []}
         if not isinstance(record.get("overrides"), list):
@@ -79,14 +79,14 @@ def objective_of(jobs: list[Job]) -> str | None:
 
 def direction_of(folder: Path, jobs: list[Job], notes: Notes) -> str | None:
     """The sweep's own direction: Optuna's ``hydra.sweeper.direction``, else the jobs' ``model.monitor_mode``."""
-    multirun = read_yaml(folder / "multirun.yaml", notes)
+    multirun = read_yaml(folder / "multirun.yaml", notes, root=folder)
     direction = dig(multirun, "hydra", "sweeper", "direction")
     if isinstance(direction, list) and len(direction) == 1:
         direction = direction[0]
     if isinstance(direction, str) and direction.lower() in ("minimize", "maximize"):
         return direction.lower()
     for job in jobs:
-        config = read_yaml(job.folder / ".hydra" / "config.yaml", notes)
+        config = read_yaml(job.folder / ".hydra" / "config.yaml", notes, root=folder)
         mode = dig(config, "model", "monitor_mode")
         if mode in ("min", "max"):
             return "maximize" if mode == "max" else "minimize"
@@ -126,7 +126,7 @@ def sweep_report(folder: Path, options: Options) -> tuple[str, Notes]:
     page.section("Jobs", summary_table(jobs, ranked, metric, best, worst), anchor="jobs")
     page.section(f"{metric or 'metric'} against each swept parameter", plots_section(jobs, ranked, metric, best),
                  anchor="plots")
-    page.section("Best and worst job: final sample grids", grids_section(best, worst, metric, notes),
+    page.section("Best and worst job: final sample grids", grids_section(folder, best, worst, metric, notes),
                  anchor="grids")
     page.parts.insert(notes_at, html.notes_box(notes))
     return page.html(), notes
@@ -135,7 +135,7 @@ def sweep_report(folder: Path, options: Options) -> tuple[str, Notes]:
 def overview(folder: Path, jobs: list[Job], metric: str | None, direction: str | None, ranked: list[Job],
              notes: Notes) -> list[tuple[str, Any]]:
     statuses = Counter(job.status for job in jobs)
-    multirun = read_yaml(folder / "multirun.yaml", notes)
+    multirun = read_yaml(folder / "multirun.yaml", notes, root=folder)
     rows: list[tuple[str, Any]] = [("folder", str(folder)), ("jobs", len(jobs)),
                                    ("status", ", ".join(f"{n} {s}" for s, n in statuses.most_common()))]
     sweeper = dig(multirun, "hydra", "sweeper", "_target_")
@@ -198,7 +198,7 @@ def plots_section(jobs: list[Job], ranked: list[Job], metric: str | None, best: 
     return html.figures(pictures) + note
 
 
-def grids_section(best: Job | None, worst: Job | None, metric: str | None, notes: Notes) -> str:
+def grids_section(folder: Path, best: Job | None, worst: Job | None, metric: str | None, notes: Notes) -> str:
     if best is None:
         return html.paragraph("No ranked job: no best or worst grids.")
     parts = []
@@ -208,7 +208,7 @@ def grids_section(best: Job | None, worst: Job | None, metric: str | None, notes
             grids = training_grids(job.folder)[-1:]  # no final grid: the last one written during training
         settings = " ".join(f"{k}={v}" for k, v in job.params.items()) or "(defaults)"
         caption = f"{label}: job {job.folder.name}, {settings}, {metric} = {job.value:.6g}"
-        pictures = [(f"{caption} — {c}", read_image(p, notes)) for c, p in grids]
+        pictures = [(f"{caption} — {c}", read_image(p, notes, root=folder)) for c, p in grids]
         pictures = [(c, p) for c, p in pictures if p is not None]
         if not pictures:
             parts.append(html.paragraph(f"{caption}: no sample grid in {job.folder.name}/samples/."))
