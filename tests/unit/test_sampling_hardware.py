@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,71 @@ def test_the_sampling_profile_builds_only_an_allow_listed_class():
     bad = OmegaConf.create({"hardware": {"_target_": "os.system", "_args_": ["true"]}})
     with pytest.raises(ConfigError, match=r"hardware=.*os.system.*Nothing was built"):
         sampling_settings(bad, torch.device("cpu"))
+
+
+# ----------------------------------------------------------------------------- setup is not I/O (issue 24, item 5)
+SLOW = 0.4  # seconds added to what is timed, far above this machine's noise for the small parts
+
+
+def slowed(fn):
+    def run(*args, **kwargs):
+        time.sleep(SLOW)
+        return fn(*args, **kwargs)
+
+    return run
+
+
+def slow_backend(gm, example_inputs):
+    """A torch.compile backend that takes SLOW seconds to 'compile' and then runs the graph as it is."""
+    time.sleep(SLOW)
+    return gm.forward
+
+
+def test_sample_counts_loading_building_and_compiling_as_setup(compose_cfg, ddpm_ckpt, monkeypatch):
+    """gencli sample on a GPU counted checkpoint loading and CUDA start-up as I/O (13.7 of 25 s): loading the
+    checkpoint and building the model (slowed here by SLOW), moving it to the device and the compiled net's first call
+    (a backend that spends SLOW compiling) are setup; I/O is only the files written."""
+    import gencli.hardware
+    import gencli.jobs.sample
+    from gencli.jobs.sample import sample
+
+    monkeypatch.setattr(gencli.jobs.sample, "restore_model", slowed(gencli.jobs.sample.restore_model))
+    monkeypatch.setattr(gencli.hardware, "compile_backend", slow_backend)
+    torch._dynamo.reset()
+    cfg = compose_cfg("sample", [f"ckpt={ddpm_ckpt}", "n=4", "batch_size=2", "device=cpu", "hardware.compile=true"])
+    sample(cfg)
+    info = json.loads((Path(cfg.paths.output_dir) / "sample.json").read_text())
+    spent = info["timing"]
+    check_split(spent, ("generation", "io", "setup"))
+    assert spent["setup_seconds"] >= 2 * SLOW  # the load and the compile
+    assert spent["io_seconds"] < SLOW and spent["generation_seconds"] < spent["setup_seconds"]
+    assert "CUDA start-up" in spent["note"] and info["sampling"]["hardware"]["compile"] is True
+    torch._dynamo.reset()
+
+
+def test_eval_counts_loading_the_checkpoint_as_setup(compose_cfg, ddpm_ckpt, monkeypatch):
+    import gencli.jobs.evaluate
+    from gencli.jobs.evaluate import evaluate
+
+    monkeypatch.setattr(gencli.jobs.evaluate, "restore_model", slowed(gencli.jobs.evaluate.restore_model))
+    cfg = compose_cfg("eval", [f"ckpt={ddpm_ckpt}", "metric=fid", "features=domain", "features.epochs=1",
+                               "features.min_accuracy=0", "n=6", "batch_size=6", "device=cpu"])
+    spent = evaluate(cfg)["timing"]
+    assert spent["setup_seconds"] >= SLOW and spent["io_seconds"] < SLOW
+
+
+def test_the_time_split_does_not_start_cuda(monkeypatch):
+    """A part's boundary waits for the GPU only once CUDA has started: waiting earlier would start CUDA between two
+    parts, its seconds counted for none (they belong to setup, where the model moves to the device)."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    split = TimeSplit("cuda")
+    with split.part("setup"):
+        pass
+    assert calls == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with split.part("generation"):
+        pass
+    assert len(calls) == 2

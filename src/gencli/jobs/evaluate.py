@@ -59,7 +59,7 @@ def measure(cfg: DictConfig, device, split: TimeSplit) -> dict:
     """The eval job's work, timed part by part into ``split``."""
     from gencli.families.base import GenerativeModel
 
-    with timed("io"):
+    with timed("setup"):  # loading the checkpoint and building the model
         model, checkpoint = restore_model(cfg.ckpt) if cfg.get("ckpt") else (None, None)
     if model is not None and not isinstance(model, GenerativeModel):
         raise ConfigError(
@@ -67,7 +67,7 @@ def measure(cfg: DictConfig, device, split: TimeSplit) -> dict:
             "'gencli train model=classifier' is a feature extractor: pass it as features.ckpt=PATH."
         )
     if model is not None:
-        with timed("io"):
+        with timed("setup"):  # device start-up
             model = model.to(device)
     with timed("io"):
         datamodule = (datamodule_for(cfg, checkpoint, cfg.batch_size, model.image_shape if model is not None else None)

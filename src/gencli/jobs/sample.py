@@ -76,7 +76,7 @@ def sample(cfg: DictConfig) -> Path:
     seed = check_seed(cfg.seed)
     device = pick_device(cfg.device)
     split = TimeSplit(device)
-    with timing(split), timed("io"):
+    with timing(split), timed("setup"):  # loading the checkpoint, building the model, device start-up
         model, checkpoint = restore_model(cfg.ckpt)
         model = model.to(device)
     options = sample_options(cfg, model)

@@ -9,10 +9,13 @@ time, and the rest is reported as ``other`` (imports of Lightning and torchmetri
 building the metric objects; Python overhead).
 
 Parts: ``generation`` (the model making images: sampling, decoding, inpainting, reconstructing), ``features``
-(feature extraction: generated and real images through the extractor, LPIPS), ``io`` (reading the checkpoint,
-the reference data, ``samples=``/``ref=`` files and caches; writing images and caches), ``setup`` (preparing the
-feature extractor: loading its weights, or training the domain classifier on first use) and ``metrics``
-(computing FID, KID, ... from the features).
+(feature extraction: generated and real images through the extractor, LPIPS), ``io`` (reading the reference data,
+``samples=``/``ref=`` files, input images and caches; writing images and caches), ``setup`` (everything done once
+before the work: loading the checkpoint and building the model from it, moving it to the device, which starts
+CUDA there, applying ``hardware=`` and compiling, which happens in the first call of a compiled net and is counted
+here with that one call; preparing the feature extractor: loading its weights, or training the domain classifier on
+first use) and ``metrics`` (computing FID, KID, ... from the features). Issue 24: ``gencli sample`` on a GPU had
+counted checkpoint loading and CUDA start-up as I/O (13.7 of 25 s), which made writing files look dominant.
 
 On a GPU the work is asynchronous: each boundary waits for the device (``torch.cuda.synchronize``), so a part's
 seconds are its work's, not its launches'. On a CPU nothing is synchronised.
@@ -46,7 +49,9 @@ class TimeSplit:
         self._stack: list[list[Any]] = []  # [part, since] of the parts entered and not left
 
     def sync(self) -> None:
-        if self.device.type == "cuda" and torch.cuda.is_available():
+        # Before CUDA has started nothing can be queued on it: waiting would start CUDA here, between two parts,
+        # where its seconds would count for no part (they belong to setup, where the model moves to the device).
+        if self.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.synchronize(self.device)
 
     @contextlib.contextmanager
@@ -91,8 +96,10 @@ class TimeSplit:
         out["shares"] = {name: (value / total if total > 0 else 0.0) for name, value in {**parts, "other": other}.items()}
         out["synchronized"] = self.device.type == "cuda"
         out["note"] = ("wall seconds per part (nested parts count once, for the innermost); generation = the model "
-                       "making images, features = the extractor, io = checkpoint, data, files and caches read or "
-                       "written, setup = preparing the extractor, metrics = computing the numbers from features, other = the "
+                       "making images, features = the extractor, io = data, files and caches read or written, "
+                       "setup = loading the checkpoint, building the model, moving it to the device (CUDA start-up), "
+                       "applying hardware= and compiling (a compiled net's first call, that call included), preparing "
+                       "the extractor, metrics = computing the numbers from features, other = the "
                        "rest (imports of Lightning and torchmetrics, seconds once per run; building the metrics)"
                        + ("; each boundary waits for the GPU" if self.device.type == "cuda" else ""))
         return out
