@@ -329,6 +329,16 @@ def test_a_linked_folder_out_is_not_read_and_links_that_stay_inside_are(run_dir,
     assert parsed.row("last_checkpoint")[3] == hashlib.sha256(b"weights").hexdigest()  # through the inside link
     assert parsed.row("best_checkpoint")[2:] == ["-", "not in this folder"]  # never hashed, never read
     assert hashlib.sha256(SECRET.encode()).hexdigest() not in page
+    # samples/ itself a link out: not even listed (the names of another folder's files stay out of the page)
+    elsewhere = tmp_path / "elsewhere" / "photos"
+    png(elsewhere / "step_0000077.png", 3)
+    for grid in (run_dir / "samples").iterdir():
+        grid.unlink()
+    (run_dir / "samples").rmdir()
+    (run_dir / "samples").symlink_to(elsewhere, target_is_directory=True)
+    parsed, notes, page = report(run_dir)
+    assert "step_0000077" not in page and "No sample grids" in parsed.text
+    assert any(note.startswith(f"{run_dir / 'samples'}: is a symbolic link") and "not listed" in note for note in notes)
 
 
 def test_a_file_over_its_cap_is_left_out_with_a_note(run_dir, monkeypatch):

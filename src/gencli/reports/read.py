@@ -112,6 +112,15 @@ def read_bytes(path: Path, notes: Notes, *, root: Path, limit: int) -> bytes | N
     return data
 
 
+def leads_outside(path: Path, root: Path) -> bool:
+    """Whether ``path``, once every link is followed, lies outside ``root`` (for folders a report would list)."""
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(root)
+        return os.path.commonpath([real, base]) != base
+    except (OSError, ValueError):
+        return True
+
+
 def file_size(path: Path, root: Path) -> int | None:
     """The size of a regular file whose real path is inside ``root``; None for anything else (nothing is read)."""
     try:

@@ -26,6 +26,7 @@ from gencli.reports.read import (
     Notes,
     TooLarge,
     file_size,
+    leads_outside,
     read_curves,
     read_image,
     read_json,
@@ -138,11 +139,17 @@ def curves_section(folder: Path, notes: Notes) -> str:
 STEP_GRID = re.compile(r"^step_(\d+)(_reconstructions)?\.png$")
 
 
-def training_grids(folder: Path) -> list[tuple[str, Path]]:
-    """(caption, file) of the grids a run wrote, in step order, the final ones last."""
+def training_grids(folder: Path, notes: Notes, root: Path | None = None) -> list[tuple[str, Path]]:
+    """(caption, file) of the grids a run wrote, in step order, the final ones last. A ``samples/`` that leads out of
+    ``root`` (the folder reported; ``folder`` by default) is not even listed: a note says so."""
     samples = folder / "samples"
     found: list[tuple[int, int, str, Path]] = []
-    for path in samples.glob("*.png") if samples.is_dir() else []:
+    listed = samples.is_dir()
+    if listed and leads_outside(samples, root or folder):
+        notes.add(samples, f"is a symbolic link (or lies below one) that leads outside {root or folder}; not listed: "
+                           "a report reads only the files inside the folder it reports")
+        listed = False
+    for path in samples.glob("*.png") if listed else []:
         match = STEP_GRID.match(path.name)
         if match:
             recon = bool(match.group(2))
@@ -166,7 +173,7 @@ def spread(items: list, most: int) -> list:
 
 
 def grids_section(folder: Path, notes: Notes, max_grids: int) -> str:
-    grids = training_grids(folder)
+    grids = training_grids(folder, notes)
     if not grids:
         return html.paragraph("No sample grids in samples/ (callbacks.sample_grid writes them every "
                               "callbacks.sample_grid.every_n_steps steps).")

@@ -203,9 +203,10 @@ def grids_section(folder: Path, best: Job | None, worst: Job | None, metric: str
         return html.paragraph("No ranked job: no best or worst grids.")
     parts = []
     for label, job in (("best", best), ("worst", worst)) if worst is not best else (("best (the only one)", best),):
-        grids = [(c, p) for c, p in training_grids(job.folder) if c.startswith("final") or p.name == "samples.png"]
+        every = training_grids(job.folder, notes, root=folder)
+        grids = [(c, p) for c, p in every if c.startswith("final") or p.name == "samples.png"]
         if not grids:
-            grids = training_grids(job.folder)[-1:]  # no final grid: the last one written during training
+            grids = every[-1:]  # no final grid: the last one written during training
         settings = " ".join(f"{k}={v}" for k, v in job.params.items()) or "(defaults)"
         caption = f"{label}: job {job.folder.name}, {settings}, {metric} = {job.value:.6g}"
         pictures = [(f"{caption} — {c}", read_image(p, notes, root=folder)) for c, p in grids]
