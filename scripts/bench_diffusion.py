@@ -58,22 +58,80 @@ def sampling_context(model, cfg, args):
             "gencli.sampling_hardware")
 
 
+class WindowClock(Clock):
+    """Clock's measurement (batches ``warmup``+1 .. ``warmup``+``steps``, synchronised at both ends), then
+    ``profile_steps`` more batches under torch.profiler (scripts/peers/profsum.py), so the timed ones carry no
+    profiler overhead; with ``turns`` (scripts/peers/gpu_turns.py) the GPU is taken in turns after the first
+    ``turn_at`` (compiling) batches, when scripts/gpu_check.py runs the peer beside it."""
+
+    def __init__(self, warmup: int, steps: int, profile_steps: int = 0, turns=None, turn_at: int = 3):
+        super().__init__(warmup)
+        self.steps, self.profile_steps, self.turns, self.turn_at = steps, profile_steps, turns, min(turn_at, warmup)
+        self.timed, self._profile, self._prof, self.profile = 0, None, None, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.turns is not None and self.batches == self.turn_at:
+            self._sync(pl_module)
+            self.turns.acquire()
+            if self.start is not None:  # warm-up shorter than the compiling steps: the window starts after the wait
+                self.start = time.perf_counter()
+        if self.profile_steps and self.batches == self.warmup + self.steps and self._profile is None:
+            from profsum import step_profiler
+
+            self._profile = step_profiler(pl_module.device.type)
+            self._prof = self._profile.__enter__()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.batches == self.warmup + self.steps:
+            self._sync(pl_module)
+            self.stop, self.timed = time.perf_counter(), self.steps
+        elif self._profile is not None and self.batches == self.warmup + self.steps + self.profile_steps:
+            self._end_profile(pl_module)
+
+    def _end_profile(self, pl_module):
+        from profsum import summarize
+
+        profile, self._profile = self._profile, None
+        profile.__exit__(None, None, None)
+        try:
+            self.profile = summarize(self._prof, self.batches - self.warmup - self.steps, pl_module.device.type)
+        except Exception as e:  # a profile that fails leaves the measurement
+            self.profile = {"error": f"{type(e).__name__}: {e}"[:500]}
+
+    def on_train_end(self, trainer, pl_module):
+        if self._profile is not None:
+            self._end_profile(pl_module)
+        if self.stop is None:
+            super().on_train_end(trainer, pl_module)
+            self.timed = self.batches - self.warmup
+
+
 def train_measure(net: str, args) -> dict:
     """One training throughput measurement as numbers (scripts/gpu_check.py reads these); ``args.strategy``, when
-    present, is handed to the Trainer (e.g. a one-device DDPStrategy, to measure the wrapper's cost)."""
+    present, is handed to the Trainer (e.g. a one-device DDPStrategy, to measure the wrapper's cost);
+    ``args.profile_steps`` profiles that many more steps after the timed ones (the result's ``profile``);
+    ``args.turns`` shares the GPU with another measuring process (scripts/peers/gpu_turns.py)."""
     model, cfg = build_model(net, args)
-    n = args.batch_size * (args.steps + args.warmup)
+    profile_steps = getattr(args, "profile_steps", 0) or 0
+    n = args.batch_size * (args.steps + args.warmup + profile_steps)
     images = torch.rand(n, args.channels, args.size, args.size) * 2 - 1
     loader = DataLoader(TensorDataset(images, torch.zeros(n)), batch_size=args.batch_size, drop_last=True,
                         pin_memory=args.device == "cuda")
-    clock = Clock(args.warmup)
+    turns = getattr(args, "turns", None)
+    clock = WindowClock(args.warmup, args.steps, profile_steps, turns)
     bench_trainer(args.device, cfg.hardware.precision, clock, strategy=getattr(args, "strategy", None)).fit(
         model, train_dataloaders=loader)
     seconds = clock.stop - clock.start
-    timed = clock.batches - args.warmup
+    timed = clock.timed
     params = sum(p.numel() for p in model.net.parameters())
-    return {"net": net, "params": params, "batch": args.batch_size, "timed_steps": timed,
-            "images_per_s": timed * args.batch_size / seconds, "ms_per_batch": 1000 * seconds / timed}
+    out = {"net": net, "params": params, "batch": args.batch_size, "timed_steps": timed,
+           "images_per_s": timed * args.batch_size / seconds, "ms_per_batch": 1000 * seconds / timed}
+    if clock.profile is not None:
+        out["profile"] = clock.profile
+    if turns is not None:
+        out.update(turns.info())
+    return out
 
 
 def train_throughput(net: str, args) -> list:

@@ -73,13 +73,30 @@ PART_NAMES = {
     "b": "GAN training: gencli vs a plain loop",
     "c": "DDIM-50 sampling: gpu_fast vs default",
     "d": "DDP wrapper on one device",
+    "e": "the real CLI: gencli train, throughput from its own metrics.json",
+    "f": "the real CLI: gencli eval on 10k samples, its time split",
 }
-DEFAULT_PARTS = "a,c,b,d"
-#: caps in seconds per part (each also gets at most what is left of --budget)
-PART_BUDGET = {"cuda": {"a": 270, "c": 90, "b": 150, "d": 170}, "cpu": {"a": 120, "c": 45, "b": 80, "d": 60}}
+#: the issue's goals first (a: the 1.5x goal and MFU, e: the real CLI, b: the GAN gap, c: the DDIM-50 goal), then f, d
+DEFAULT_PARTS = "a,e,b,c,f,d"
+#: per part, seconds: (cap, least worth starting, reserved for it while earlier parts run). Each part gets at most its
+#: cap and at most what is left of --budget after the reserves of the later parts (plan_budget), so an early part
+#: that runs long squeezes the later ones down to their least instead of starving them; a part whose least no
+#: longer fits is skipped and recorded. d (the DDP wrapper) reserves nothing: it runs on what is left.
+PART_BUDGET = {
+    "cuda": {"a": (200, 110, 110), "e": (120, 60, 60), "b": (90, 30, 30), "c": (60, 30, 30), "f": (80, 40, 40),
+             "d": (80, 40, 0)},
+    "cpu": {"a": (200, 60, 60), "e": (200, 60, 60), "b": (120, 40, 40), "c": (60, 20, 20), "f": (150, 40, 40),
+            "d": (90, 30, 0)},
+}
+#: what a compiled-free measurement needs to be worth starting inside a part (cuda, cpu), seconds
+NEED = {"eager_unet": (35, 20), "gan_row": (12, 8), "cli_train": (45, 25), "default_sampling": (15, 8)}
 #: issue 14's DDIM-50 s/image at batch 256 on an H100, and its goal (3x faster)
 ISSUE_DDIM50 = 0.009
 GANS = ("dcgan_cifar10", "wgan_gp_cifar10")
+#: --fake-compile-s (tests): seconds every compiling measurement sleeps first, as a slow compile would take
+FAKE_COMPILE_S = 0.0
+#: the worker's Recorder (its part's deadline)
+RECORDER = None
 
 
 # ============================================================================= sizes
@@ -89,10 +106,22 @@ def sizes(args) -> dict:
         return {"net": "unet_cpu", "size": 32, "channels": 3, "batch": 8, "steps": 3, "warmup": 2,
                 "sampler": "ddim50", "sample_n": 4, "peer_samples": 2, "gan_steps": 5, "gan_warmup": 5,
                 "gan_overrides": ["data.batch_size=16", "model.generator.base_channels=16",
-                                  "model.discriminator.base_channels=16"]}
+                                  "model.discriminator.base_channels=16"],
+                "profile_steps": 2,
+                # e: the CLI on a CIFAR-10-shaped set of random bytes (5 x 200 train images, 200 test)
+                "cifar_per_batch": 200, "cli_warmup": 2, "cli_batches": 6,
+                "cli_ddpm": ["model/net=unet_cpu", "data.global_batch_size=8", "data.num_workers=0"],
+                "cli_dcgan": ["data.global_batch_size=16", "model.generator.base_channels=16",
+                              "model.discriminator.base_channels=16", "data.num_workers=0"],
+                # f: gencli eval, fewer samples
+                "eval_n": 64, "eval_batch": 32, "eval_steps": 10}
     return {"net": "unet_ddpm_cifar10", "size": 32, "channels": 3, "batch": 128, "steps": 100, "warmup": 10,
             "sampler": "ddim50", "sample_n": 256, "peer_samples": 256, "gan_steps": 200, "gan_warmup": 20,
-            "gan_overrides": []}
+            "gan_overrides": [], "profile_steps": 5,
+            # e: 5 x 2,000 random train images (9,000 train / 1,000 val, like issue 24's run), 20 warm-up + 200 timed
+            "cifar_per_batch": 2000, "cli_warmup": 20, "cli_batches": 220, "cli_ddpm": [], "cli_dcgan": [],
+            # f: 10k samples (40 batches of 256: the one shape part c compiled, so f loads it from the cache)
+            "eval_n": 10240, "eval_batch": 256, "eval_steps": 50}
 
 
 def fast_overrides(args) -> list[str]:
@@ -114,12 +143,24 @@ class Recorder:
     def left(self) -> float:
         return self.deadline - time.time()
 
-    def __call__(self, name: str, fn) -> dict | None:
+    def __call__(self, name: str, fn, need: float = 0.0, compiles: bool = False) -> dict | None:
+        """Run one measurement and record it; ``need``: seconds it takes at least, below which it is skipped and
+        recorded as such; ``compiles``: it compiles (``--fake-compile-s`` sleeps that long first, to test the
+        budget logic on a CPU)."""
         import torch
 
-        print(f"[gpu_check] {name}: start ({self.left():.0f} s left in this part)", flush=True)
+        left = self.left()
+        if left < need:
+            self.results[name] = {"skipped": f"needs ~{need:.0f} s, {max(left, 0):.0f} s left in the part",
+                                  "wall_s": 0.0}
+            self._write()
+            print(f"[gpu_check] {name}: skipped ({self.results[name]['skipped']})", flush=True)
+            return None
+        print(f"[gpu_check] {name}: start ({left:.0f} s left in this part)", flush=True)
         t0 = time.perf_counter()
         try:
+            if compiles and FAKE_COMPILE_S:
+                time.sleep(FAKE_COMPILE_S)
             out = fn()
             out = dict(out) if isinstance(out, dict) else {"value": out}
         except Exception as e:  # one measurement's failure is recorded; the part goes on
@@ -127,9 +168,7 @@ class Recorder:
             print(f"[gpu_check] {name}: FAILED {out['error'][:300]}", flush=True)
         out["wall_s"] = round(time.perf_counter() - t0, 2)
         self.results[name] = out
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.results, indent=1, default=str))
-        tmp.replace(self.path)
+        self._write()
         print(f"[gpu_check] {name}: done in {out['wall_s']:.1f} s: "
               f"{ {k: v for k, v in out.items() if k != 'traceback'} }", flush=True)
         gc.collect()
@@ -140,6 +179,11 @@ class Recorder:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return out
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.results, indent=1, default=str))
+        tmp.replace(self.path)
 
 
 def bench_ns(args, s: dict, hardware: str, **extra) -> argparse.Namespace:
@@ -152,23 +196,82 @@ def bench_ns(args, s: dict, hardware: str, **extra) -> argparse.Namespace:
     return ns
 
 
-def run_peer(args, s: dict, mode: str, n_samples: int, left: float) -> dict:
-    """peer_diffusers.py in its own process (its module-level settings, e.g. TF32, stay its own); its PEER_JSON."""
+def work_dir(args) -> Path:
+    """Where the parts keep what is not a result (the random CIFAR-10, the CLI runs' folders and checkpoints, the
+    turn files): ``--work``, outside ``--out`` so that a lent GPU's $OUT brings back only the three result files."""
+    return Path(getattr(args, "work", None) or Path(args.result).parent / ".work")
+
+
+def need(args, key: str) -> float:
+    return NEED[key][0 if args.device == "cuda" else 1]
+
+
+def peer_cmd(args, s: dict, mode: str, n_samples: int, profile: bool = False) -> list[str]:
     cmd = [sys.executable, str(SCRIPTS / "peers" / "peer_diffusers.py"), mode, str(n_samples), "--device",
            args.device]
     if args.tiny:
         cmd += ["--tiny", "--steps", str(s["steps"]), "--warmup", str(s["warmup"]), "--batch", str(s["batch"])]
     if not args.compile:
         cmd.append("--no-compile")
+    if profile:
+        cmd += ["--profile", str(s["profile_steps"])]
+    return cmd
+
+
+def peer_result(output: str, rc: int) -> dict:
+    for line in output.splitlines()[::-1]:
+        if line.startswith("PEER_JSON "):
+            return json.loads(line.removeprefix("PEER_JSON "))
+    raise RuntimeError(f"the peer exited {rc} without its result: {output[-600:]}")
+
+
+def run_peer(args, s: dict, mode: str, n_samples: int, left: float) -> dict:
+    """peer_diffusers.py in its own process (its module-level settings, e.g. TF32, stay its own); its PEER_JSON."""
+    cmd = peer_cmd(args, s, mode, n_samples)
     print("[gpu_check] " + " ".join(cmd), flush=True)
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=max(5.0, left - 3))
     sys.stdout.write(proc.stdout[-20000:])
     sys.stdout.flush()
-    for line in proc.stdout.splitlines()[::-1]:
-        if line.startswith("PEER_JSON "):
-            return json.loads(line.removeprefix("PEER_JSON "))
-    raise RuntimeError(f"the peer exited {proc.returncode} without its result: {proc.stdout[-600:]}")
+    return peer_result(proc.stdout, proc.returncode)
+
+
+class BackgroundPeer:
+    """The peer's ``fast`` run started at once in its own process, compiling while gencli's measurement compiles;
+    both then take the GPU in turns for their timed steps (scripts/peers/gpu_turns.py)."""
+
+    def __init__(self, args, s: dict, n_samples: int, turn_dir: Path, wait_s: float):
+        from gpu_turns import mark_exited
+
+        cmd = peer_cmd(args, s, "fast", n_samples, profile=args.profile)
+        env = dict(os.environ, GPU_CHECK_TURN_DIR=str(turn_dir), GPU_CHECK_TURN_NAME="peer",
+                   GPU_CHECK_TURN_PARTIES="2", GPU_CHECK_TURN_WAIT=f"{wait_s:.0f}")
+        self.log = turn_dir / "peer.log"
+        turn_dir.mkdir(parents=True, exist_ok=True)
+        print("[gpu_check] (in the background) " + " ".join(cmd), flush=True)
+        self.started = time.perf_counter()
+        with self.log.open("w") as f:  # same process group as this worker: a part's timeout ends it too
+            self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, text=True, env=env)
+
+        def reap():  # however it ends (a crash while compiling included), nobody waits for it at the barrier
+            self.proc.wait()
+            mark_exited(turn_dir, "peer")
+
+        threading.Thread(target=reap, daemon=True).start()
+
+    def result(self, left: float) -> dict:
+        try:
+            rc = self.proc.wait(timeout=max(1.0, left - 3))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            rc = "killed (the part's time ran out)"
+        output = self.log.read_text(errors="replace")
+        sys.stdout.write("[gpu_check] the peer's output:\n" + output[-20000:])
+        sys.stdout.flush()
+        out = peer_result(output, rc)
+        out["process_wall_s"] = round(time.perf_counter() - self.started, 2)
+        return out
 
 
 def count_flops(args, s: dict) -> dict:
@@ -208,16 +311,35 @@ def count_flops(args, s: dict) -> dict:
 
 
 def part_a(args, s: dict, rec: Recorder) -> None:
+    """gencli gpu_fast and the peer's fast run compile side by side, then take the GPU in turns; then the FLOPs; then
+    the fp32 eager pair, when the part's time still allows."""
+    import shutil
+
+    from gpu_turns import Turns
+
     from bench_diffusion import train_measure
 
-    rec("gencli_fast", lambda: train_measure(s["net"], bench_ns(args, s, "gpu_fast", overrides=fast_overrides(args))))
-    rec("peer_fast", lambda: run_peer(args, s, "fast", s["peer_samples"] if "c" in args.parts else 0, rec.left()))
-    rec("gencli_eager", lambda: train_measure(s["net"], bench_ns(args, s, "default", overrides=gencli_overrides(args))))
-    rec("peer_eager", lambda: run_peer(args, s, "eager", 0, rec.left()))
+    turn_dir = work_dir(args) / "turns_a"
+    shutil.rmtree(turn_dir, ignore_errors=True)
+    wait_s = max(rec.left() - 45, 10)  # stop waiting for a party that never gets ready, with time left to measure
+    peer = BackgroundPeer(args, s, s["peer_samples"] if "c" in args.parts else 0, turn_dir, wait_s)
+    turns = Turns(str(turn_dir), "gencli", 2, wait_s=wait_s)
+    profile = s["profile_steps"] if args.profile else 0
+    try:
+        rec("gencli_fast", lambda: train_measure(s["net"], bench_ns(
+            args, s, "gpu_fast", overrides=fast_overrides(args), profile_steps=profile, turns=turns)),
+            compiles=args.compile)
+    finally:
+        turns.release()
+    rec("peer_fast", lambda: peer.result(rec.left()))
     rec("flops", lambda: count_flops(args, s))
+    rec("gencli_eager", lambda: train_measure(s["net"], bench_ns(args, s, "default", overrides=gencli_overrides(args))),
+        need=need(args, "eager_unet"))
+    rec("peer_eager", lambda: run_peer(args, s, "eager", 0, rec.left()), need=need(args, "eager_unet"))
 
 
 def part_b(args, s: dict, rec: Recorder) -> None:
+    """The fast rows first (the issue's gpu_fast comparisons), then the eager ones while time allows."""
     import plain_gan
 
     from bench_gan import build_from, measure
@@ -225,16 +347,19 @@ def part_b(args, s: dict, rec: Recorder) -> None:
     for setting, hardware, mode in (("fast", "gpu_fast", "fast"), ("eager", "default", "eager")):
         for exp in GANS:
             overrides = [f"experiment={exp}", f"hardware={hardware}", *s["gan_overrides"]]
-            if hardware == "gpu_fast" and (exp.startswith("wgan_gp") or not args.compile):
+            compiles = hardware == "gpu_fast" and args.compile and not exp.startswith("wgan_gp")
+            if hardware == "gpu_fast" and not compiles:
                 # torch.compile cannot do the penalty's double backward (gencli refuses it; the recipe says so)
                 overrides.append("hardware.compile=false")
             overrides += gencli_overrides(args)
             ns = argparse.Namespace(device=args.device, batch_size=None, steps=s["gan_steps"],
                                     warmup=s["gan_warmup"])
+            row = need(args, "gan_row") * (3 if compiles else 1)
             rec(f"{exp}_gencli_{setting}", lambda o=overrides, n=ns: {
-                **measure(*build_from(o, n), n), "overrides": o})
+                **measure(*build_from(o, n), n), "overrides": o}, need=row, compiles=compiles)
             rec(f"{exp}_plain_{setting}", lambda e=exp, m=mode: plain_gan.bench(
-                e, m, args.device, s["gan_steps"], s["gan_warmup"], s["gan_overrides"], compile_=args.compile))
+                e, m, args.device, s["gan_steps"], s["gan_warmup"], s["gan_overrides"], compile_=args.compile),
+                need=row, compiles=compiles)
 
 
 def part_c(args, s: dict, rec: Recorder) -> None:
@@ -243,7 +368,8 @@ def part_c(args, s: dict, rec: Recorder) -> None:
     for setting, hardware, extra in (("fast", "gpu_fast", fast_overrides(args)),
                                      ("default", "default", gencli_overrides(args))):
         rec(f"gencli_{setting}", lambda h=hardware, o=extra: {
-            **sampling_measure(s["net"], s["sampler"], bench_ns(args, s, h, overrides=o)), "hardware": h})
+            **sampling_measure(s["net"], s["sampler"], bench_ns(args, s, h, overrides=o)), "hardware": h},
+            need=0 if setting == "fast" else need(args, "default_sampling"), compiles=setting == "fast" and args.compile)
 
 
 def part_d(args, s: dict, rec: Recorder) -> None:
@@ -253,7 +379,8 @@ def part_d(args, s: dict, rec: Recorder) -> None:
     from benchlib import compose_train
 
     overrides = fast_overrides(args)
-    rec("no_ddp", lambda: train_measure(s["net"], bench_ns(args, s, "gpu_fast", overrides=overrides)))
+    rec("no_ddp", lambda: train_measure(s["net"], bench_ns(args, s, "gpu_fast", overrides=overrides)),
+        compiles=args.compile)
 
     def ddp() -> dict:
         trainer = "ddp" if args.device == "cuda" else "ddp_cpu"
@@ -262,10 +389,132 @@ def part_d(args, s: dict, rec: Recorder) -> None:
         return {**out, "strategy": f"trainer={trainer}'s {type(strategy).__name__} "
                                    f"({strategy.process_group_backend}), 1 device"}
 
-    rec("ddp", ddp)
+    rec("ddp", ddp, need=need(args, "eager_unet"), compiles=args.compile)
 
 
-PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d}
+def fake_cifar10(root: Path, per_batch: int) -> Path:
+    """A CIFAR-10-shaped data set of random bytes in the release's own format (``cifar-10-batches-py``: pickled dicts
+    of uint8 rows and labels), so ``gencli train experiment=..._cifar10`` runs unchanged where CIFAR-10 is not (the
+    lent GPU has no data sets); only speed is measured on it. Returns ``data.root``."""
+    import pickle
+
+    import numpy as np
+
+    folder = root / "cifar-10-batches-py"
+    if (folder / "test_batch").is_file():
+        return root
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {"batch_label": name, "data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+                 "labels": rng.integers(0, 10, per_batch).tolist(),
+                 "filenames": [f"{i}.png" for i in range(per_batch)]}
+        (folder / name).write_bytes(pickle.dumps(batch, protocol=2))
+    (folder / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"class{i}" for i in range(10)]}))
+    return root
+
+
+def cli(args, verb: str, overrides: list[str], left: float) -> tuple[Path, str]:
+    """``gencli VERB overrides...`` as a user runs it (its own process, its Hydra run directory under the check's
+    work folder); returns the run directory and what it printed."""
+    work = work_dir(args) / "cli"
+    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("run_name="))
+    run_dir = work / verb / "runs" / name
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    cmd = [sys.executable, "-c", "import sys; from gencli.cli import main; sys.argv[0] = 'gencli'; main()", verb,
+           *overrides, f"paths.log_dir={work}"]
+    env = dict(os.environ, GENCLI_CACHE=str(work / "cache"), PYTHONWARNINGS="ignore")
+    print("[gpu_check] gencli " + " ".join([verb, *overrides]), flush=True)
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT,
+                          timeout=max(5.0, left - 3))
+    sys.stdout.write(proc.stdout[-8000:])
+    sys.stdout.flush()
+    if proc.returncode != 0:
+        raise RuntimeError(f"gencli {verb} exited {proc.returncode}: {proc.stdout[-1500:]}")
+    return run_dir, proc.stdout
+
+
+def cli_train(args, s: dict, exp: str, extra: list[str], name: str, hardware: str = "gpu_fast",
+              batches: int | None = None, warmup: int | None = None) -> dict:
+    """``gencli train experiment=EXP trainer=gpu hardware=gpu_fast`` for a fixed number of batches on the random
+    CIFAR-10; images/s as the run itself measured them (metrics.json's ``throughput``, callbacks.throughput)."""
+    root = fake_cifar10(work_dir(args) / "data", s["cifar_per_batch"])
+    batches = s["cli_batches"] if batches is None else batches
+    per_batch = 2 if exp.startswith("dcgan") else 1  # a DCGAN batch is a D and a G optimiser step
+    overrides = [f"experiment={exp}", f"trainer={'gpu' if args.device == 'cuda' else 'cpu'}", f"hardware={hardware}",
+                 f"data.root={root}", f"run_name={name}", f"trainer.max_steps={batches * per_batch}",
+                 f"callbacks.throughput.warmup_steps={s['cli_warmup'] if warmup is None else warmup}",
+                 # the recipe's end-of-training grid is 64 x 1000 DDPM steps: not training, and not timed anyway
+                 "callbacks.sample_grid=null", *extra]
+    if hardware == "gpu_fast" and not args.compile:
+        overrides.append("hardware.compile=false")
+    overrides += gencli_overrides(args)
+    t0 = time.perf_counter()
+    run_dir, output = cli(args, "train", overrides, RECORDER.left())
+    report = json.loads((run_dir / "metrics.json").read_text())
+    tp = report.get("throughput") or {}
+    line = next((ln.strip() for ln in output.splitlines()[::-1] if "training throughput:" in ln), None)
+    if report.get("status") != "completed" or not tp.get("images_per_s"):
+        raise RuntimeError(f"the run's metrics.json says status {report.get('status')!r}, throughput {tp}: "
+                           f"{report.get('reason') or output[-800:]}")
+    return {"images_per_s": tp["images_per_s"], "optimizer_steps_per_s": tp.get("optimizer_steps_per_s"),
+            "batches_per_s": tp.get("batches_per_s"), "throughput": tp, "log_line": line,
+            "steps": report.get("steps"), "batch": round(tp["images"] / max(tp["timed_batches"], 1)),
+            "command": "gencli train " + " ".join(overrides), "process_wall_s": round(time.perf_counter() - t0, 1),
+            "checkpoint": (report.get("files") or {}).get("last_checkpoint"),
+            "compile": report.get("compile") or (report.get("provenance") or {}).get("compile")}
+
+
+def part_e(args, s: dict, rec: Recorder) -> None:
+    """The real CLI, as a user trains: DDPM and DCGAN under trainer=gpu hardware=gpu_fast."""
+    rec("ddpm_cli", lambda: cli_train(args, s, "ddpm_cifar10", s["cli_ddpm"], "ddpm"),
+        need=need(args, "cli_train"), compiles=args.compile)
+    dcgan = rec("dcgan_cli", lambda: cli_train(args, s, "dcgan_cifar10", s["cli_dcgan"], "dcgan"),
+                need=need(args, "cli_train"), compiles=args.compile)
+    if dcgan is not None and "error" in dcgan and args.compile:
+        # issue 24's crash (channels-last + compile in the convolution's backward): measure the path that trains
+        rec("dcgan_cli_channels_last_off", lambda: cli_train(
+            args, s, "dcgan_cifar10", [*s["cli_dcgan"], "hardware.channels_last=false"], "dcgan_cl_off"),
+            need=need(args, "cli_train"), compiles=True)
+
+
+def part_f(args, s: dict, rec: Recorder) -> None:
+    """``gencli eval`` of part e's DDPM checkpoint (or of a 2-step one made here when e did not leave one): FID in
+    the domain feature space on ``eval_n`` DDIM-50 samples, hardware=gpu_fast, with metrics.json's time split."""
+    ckpt = work_dir(args) / "cli" / "train" / "runs" / "ddpm" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        made = rec("train_for_eval", lambda: cli_train(args, s, "ddpm_cifar10", s["cli_ddpm"], "ddpm", "default",
+                                                        batches=2, warmup=0), need=need(args, "cli_train"))
+        if not made or not ckpt.is_file():
+            return
+
+    def run() -> dict:
+        overrides = [f"ckpt={ckpt}", "metric=fid", f"n={s['eval_n']}", f"batch_size={s['eval_batch']}",
+                     "sampler=ddim", f"sampler.steps={s['eval_steps']}", "hardware=gpu_fast", "run_name=eval",
+                     # random bytes have no classes to learn: the domain classifier is trained one epoch and kept
+                     "features.epochs=1", "features.min_accuracy=0"]
+        if not args.compile:
+            overrides.append("hardware.compile=false")
+        overrides += [o for o in gencli_overrides(args) if o.startswith("hardware.")]
+        t0 = time.perf_counter()
+        run_dir, output = cli(args, "eval", overrides, rec.left())
+        report = json.loads((run_dir / "metrics.json").read_text())
+        timing = report.get("timing") or {}
+        if not timing:
+            raise RuntimeError(f"gencli eval's metrics.json has no timing: {sorted(report)}")
+        line = next((ln.strip() for ln in output.splitlines()[::-1] if ln.strip().startswith("time:")), None)
+        return {"n": s["eval_n"], "timing": timing, "line": line, "metrics": report.get("metrics"),
+                "s_per_image": timing.get("total_seconds", 0) / s["eval_n"],
+                "generation_images_per_s": timing.get("generation_images_per_second"),
+                "command": "gencli eval " + " ".join(overrides), "process_wall_s": round(time.perf_counter() - t0, 1)}
+
+    rec("eval", run, compiles=args.compile)
+
+
+PARTS = {"a": part_a, "b": part_b, "c": part_c, "d": part_d, "e": part_e, "f": part_f}
 
 
 def worker(args) -> None:
@@ -282,7 +531,9 @@ def worker(args) -> None:
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     L.seed_everything(0, verbose=False)
-    rec = Recorder(Path(args.result), args.deadline)
+    global RECORDER, FAKE_COMPILE_S
+    FAKE_COMPILE_S = args.fake_compile_s
+    rec = RECORDER = Recorder(Path(args.result), args.deadline)
     PARTS[args.worker](args, sizes(args), rec)
 
 
@@ -380,6 +631,16 @@ def derive(report: dict) -> dict:
     w, wo = get(dd, "ddp", "images_per_s"), get(dd, "no_ddp", "images_per_s")
     if finite(w) and finite(wo):
         d["d_ratio_ddp_vs_none"] = w / wo
+    e = get(parts, "e", "results", default={})
+    ddpm = get(e, "ddpm_cli", "images_per_s")
+    for key, ref in (("harness", get(a, "gencli_fast", "images_per_s")), ("peer", get(a, "peer_fast", "images_per_s"))):
+        if finite(ddpm) and finite(ref) and ref > 0:
+            d[f"e_ratio_ddpm_cli_vs_{key}"] = ddpm / ref
+    plain = get(b, "dcgan_cifar10_plain_fast", "images_per_s")
+    for key in ("dcgan_cli", "dcgan_cli_channels_last_off"):
+        g = get(e, key, "images_per_s")
+        if finite(g) and finite(plain) and plain > 0:
+            d[f"e_ratio_{key}_vs_plain_fast"] = g / plain
     return d
 
 
@@ -390,6 +651,8 @@ def fmt(x, spec: str = ".1f") -> str:
 def err(r: dict | None) -> str:
     if r is None:
         return "not measured (the part stopped before it)"
+    if r.get("skipped"):
+        return f"skipped: {r['skipped']}"
     e = r.get("error")
     return f"error: {e.splitlines()[0][:140]}" if e else ""
 
@@ -479,6 +742,69 @@ def markdown(report: dict) -> str:
         lines.append(f"| d | DDPM training under DDP, images/s ({s['net']}, batch {s['batch']}) | `gpu_fast`: DDP, 1 "
                      f"device, vs no strategy | {fmt(get(w, 'images_per_s'))} | {fmt(get(wo, 'images_per_s'))} | "
                      f"{fmt(d.get('d_ratio_ddp_vs_none'), '.3f')} | {'; '.join(notes)} |")
+    if "e" in ran:
+        e = get(parts, "e", "results", default={})
+        tr = "gpu" if m["device_kind"] == "cuda" else "cpu"
+        rows = [("ddpm_cli", "ddpm_cifar10", f"`trainer={tr} hardware=gpu_fast` vs part a's harness (gencli gpu_fast)",
+                 get(a, "gencli_fast", "images_per_s"), d.get("e_ratio_ddpm_cli_vs_harness")),
+                ("dcgan_cli", "dcgan_cifar10", f"`trainer={tr} hardware=gpu_fast` vs part b's plain `fast`",
+                 get(parts, "b", "results", "dcgan_cifar10_plain_fast", "images_per_s"),
+                 d.get("e_ratio_dcgan_cli_vs_plain_fast"))]
+        if "dcgan_cli_channels_last_off" in e:
+            rows.append(("dcgan_cli_channels_last_off", "dcgan_cifar10",
+                         "`... hardware=gpu_fast hardware.channels_last=false` vs plain `fast`",
+                         get(parts, "b", "results", "dcgan_cifar10_plain_fast", "images_per_s"),
+                         d.get("e_ratio_dcgan_cli_channels_last_off_vs_plain_fast")))
+        for key, exp, label, ref, ratio in rows:
+            r = e.get(key)
+            notes = errors(("", r))
+            if key == "ddpm_cli" and finite(d.get("e_ratio_ddpm_cli_vs_peer")):
+                notes.append(f"{d['e_ratio_ddpm_cli_vs_peer']:.2f} of the peer's fast loop")
+            if get(r, "optimizer_steps_per_s"):
+                notes.append(f"{r['optimizer_steps_per_s']:.1f} optimiser steps/s")
+            tp = get(r, "throughput") or {}
+            if tp.get("timed_batches"):
+                notes.append(f"batches {tp['warmup_batches'] + 1}-{tp['warmup_batches'] + tp['timed_batches']}, from "
+                             "the run's metrics.json")
+            batch = f" (batch {r['batch']})" if get(r, "batch") else ""
+            lines.append(f"| e | the real CLI: `gencli train experiment={exp}`, images/s{batch} "
+                         f"| {label} | {fmt(get(r, 'images_per_s'))} | {fmt(ref)} | {fmt(ratio, '.2f')} | "
+                         f"{'; '.join(notes)} |")
+    if "f" in ran:
+        f_ = get(parts, "f", "results", "eval")
+        t = get(f_, "timing") or {}
+        notes = errors(("", f_))
+        if t:
+            total = t.get("total_seconds") or 0
+            split = ", ".join(f"{k} {t.get(k + '_seconds', 0):.1f} s ({100 * v:.0f}%)"
+                              for k, v in (t.get("shares") or {}).items() if isinstance(v, int | float))
+            notes.append(f"total {total:.1f} s = {split}")
+            if finite(t.get("generation_images_per_second_after_first_batch")):
+                notes.append(f"{t['generation_images_per_second_after_first_batch']:.0f} images/s after the first batch")
+        lines.append(f"| f | the real CLI: `gencli eval` FID (domain features), {s.get('eval_n')} samples, DDIM-"
+                     f"{s.get('eval_steps')}, batch {s.get('eval_batch')}, s/image (all of eval's time) | "
+                     f"`hardware=gpu_fast` | {fmt(get(f_, 's_per_image'), '.5f')} | – | – | {'; '.join(notes)} |")
+    profiles = [(who, get(a, key, "profile")) for who, key in (("gencli gpu_fast", "gencli_fast"),
+                                                                ("peer fast", "peer_fast"))]
+    if any(p for _, p in profiles):
+        lines += ["", "Profile (`--profile`: torch.profiler over a few steps after the timed ones, per training step):",
+                  "", "| who | ms/step (under the profiler) | GPU idle | kernels/step | launch calls/step | top kernels "
+                  "(ms/step, share of GPU busy time) |", "|---|---|---|---|---|---|"]
+        for who, prof in profiles:
+            if not prof:
+                continue
+            if prof.get("error"):
+                lines.append(f"| {who} | error: {prof['error'][:120]} | | | | |")
+                continue
+            idle = prof.get("gpu_idle_share")
+            tops = "; ".join(f"{t['name'][:60]} {t['ms_per_step']:.2f}"
+                             + (f" ({100 * t['share_of_busy']:.0f}%)" if t.get("share_of_busy") else "")
+                             for t in prof.get("top", [])[:5])
+            lines.append(f"| {who} | {fmt(prof.get('step_ms_under_profiler'), '.2f')} | "
+                         f"{fmt(100 * idle, '.1f') + '%' if finite(idle) else 'n/a (CPU)'} | "
+                         f"{fmt(prof.get('kernels_per_step', prof.get('aten_ops_per_step')), '.0f')}"
+                         f"{'' if 'kernels_per_step' in prof else ' aten ops'} | "
+                         f"{fmt(prof.get('launch_calls_per_step'), '.0f')} | {tops} |")
     lines.append("")
     for p in ran:
         info = parts.get(p)
@@ -496,6 +822,27 @@ def write(report: dict, out: Path) -> None:
     (out / "results.md").write_text(markdown(report))
 
 
+def compile_cache_env(work: Path) -> dict:
+    """One inductor cache for every worker and every process they start (the CLI runs, the peer): a net compiled in
+    one part is loaded, not compiled, in the next (FX graph cache: inductor's generated code; AOTAutograd cache: the
+    traced forward/backward graphs; Triton's kernels beside them). Set here unless the caller set them; the folder
+    is the check's own (under ``--work``, or GPU_CHECK_CACHE_DIR), so what an earlier check left is reused when it is
+    kept."""
+    cache = Path(os.environ.get("GPU_CHECK_CACHE_DIR") or work / "inductor_cache").resolve()
+    env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TORCHINDUCTOR_FX_GRAPH_CACHE": "1",
+           "TORCHINDUCTOR_AUTOGRAD_CACHE": "1", "TRITON_CACHE_DIR": str(cache / "triton")}
+    return {k: os.environ.get(k, v) for k, v in env.items()}
+
+
+def plan_budget(part: str, later: list[str], left: float, table: dict) -> float:
+    """Seconds for ``part``: its cap, and no more than what is left after the least of every later part (but never
+    less than its own least while that fits in what is left). Below the part's least: 0 (skip it)."""
+    cap, least, _ = table[part]
+    reserve = sum(table[p][2] for p in later)
+    budget = min(cap, max(left - reserve, least), left - 3)
+    return budget if budget >= least else 0.0
+
+
 def run_part(part: str, args, budget: float, out: Path, log) -> dict:
     result = out / f".part_{part}.json"
     result.unlink(missing_ok=True)
@@ -503,10 +850,13 @@ def run_part(part: str, args, budget: float, out: Path, log) -> dict:
     cmd = [sys.executable, "-u", str(Path(__file__).resolve()), "--worker", part, "--result", str(result),
            "--deadline", str(deadline), "--device", args.device, "--parts", ",".join(args.parts),
            "--threads", str(args.threads), "--compile" if args.compile else "--no-compile",
+           "--fake-compile-s", str(args.fake_compile_s), "--work", str(args.work),
            *(f"--override={o}" for o in args.override)]
     if args.tiny:
         cmd.append("--tiny")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.profile:
+        cmd.append("--profile")
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **compile_cache_env(Path(args.work)))
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(SCRIPTS), *filter(None, [env.get("PYTHONPATH")])])
     t0 = time.perf_counter()
     # its own process group, so that a timeout ends the worker with its compile workers and peer processes
@@ -542,16 +892,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--tiny", action="store_true", help="tiny sizes (small nets, batches and steps): a smoke run")
     p.add_argument("--out", default="gpu_check_out", help="folder for results.md, results.json, gpu_check.log")
-    p.add_argument("--parts", default=DEFAULT_PARTS, help="comma-separated, run in this order (a,b,c,d)")
+    p.add_argument("--parts", default=DEFAULT_PARTS, help="comma-separated, run in this order (default a,e,b,c,f,d)")
     p.add_argument("--peak-tflops", type=float, default=None,
                    help="peak for MFU (default 790 on cuda: bf16 matmul measured here on an H200; none on cpu)")
-    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 480 cuda, 240 cpu)")
+    p.add_argument("--budget", type=float, default=None, help="seconds for all parts (default 490 cuda, 600 cpu)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile in the fast settings (default: on for cuda, off for cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads in the workers (0: torch's default)")
     p.add_argument("--override", action="append", default=[],
                    help="a config override for every gencli measurement (repeatable), e.g. "
                         "hardware.optimizer_kernel=foreach; shown above the table")
+    p.add_argument("--profile", action="store_true",
+                   help="torch.profiler summary per training step for gencli's and the peer's gpu_fast/fast runs of "
+                        "part a (top kernels, GPU idle share, kernel launches per step), after their timed steps")
+    p.add_argument("--fake-compile-s", type=float, default=0.0,
+                   help="tests only: every compiling measurement first sleeps this long (the budget logic on a CPU)")
+    p.add_argument("--work", default=None,
+                   help="folder for the parts' working files: the random CIFAR-10, the CLI runs, inductor's cache "
+                        "(default: a gpu_check_work folder in the temporary directory, emptied first)")
     p.add_argument("--worker", choices=list(PARTS), help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
@@ -569,9 +927,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.peak_tflops is None:
         args.peak_tflops = 790.0 if args.device == "cuda" else None
     if args.budget is None:
-        args.budget = 480.0 if args.device == "cuda" else 240.0
+        args.budget = 490.0 if args.device == "cuda" else 600.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.work is None:
+        import shutil
+        import tempfile
+
+        args.work = str(Path(tempfile.gettempdir()) / f"gpu_check_work_{os.getpid()}")
+        shutil.rmtree(args.work, ignore_errors=True)
+    Path(args.work).mkdir(parents=True, exist_ok=True)
     log_file = (out / "gpu_check.log").open("a")
     lock = threading.Lock()
 
@@ -593,13 +958,13 @@ def main(argv: list[str] | None = None) -> int:
     report = {"meta": collect_meta(args), "parts": {}}
     log("[gpu_check] " + json.dumps({k: v for k, v in report["meta"].items() if k != "sizes"}, default=str))
     write(report, out)
-    caps = PART_BUDGET[args.device]
-    for part in args.parts:
+    table = PART_BUDGET[args.device]
+    for i, part in enumerate(args.parts):
         left = args.budget - (time.time() - started)
-        budget = min(caps[part], left - 3)
-        if budget < 10:
-            report["parts"][part] = {"status": "skipped", "error": f"only {left:.0f} s of --budget left",
-                                     "seconds": 0.0, "budget_s": max(budget, 0.0), "results": {}}
+        budget = plan_budget(part, args.parts[i + 1:], left, table)
+        if budget <= 0:
+            report["parts"][part] = {"status": "skipped", "error": f"only {left:.0f} s of --budget left (needs "
+                                     f"{table[part][1]} s)", "seconds": 0.0, "budget_s": 0.0, "results": {}}
             log(f"[gpu_check] part {part}: skipped, {left:.0f} s left")
             write(report, out)
             continue

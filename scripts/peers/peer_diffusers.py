@@ -13,7 +13,10 @@ after 2 warm-up evaluations) are the original's, unchanged. Added, for scripts/g
 default: ``--device cpu`` (the CUDA synchronisations become no-ops, autocast follows the device), ``--tiny`` (a
 narrow net mirroring gencli's ``unet_cpu``: channels 32/64/64, one res block per level, attention at 8x8, 8 norm
 groups, no dropout), ``--steps/--warmup/--batch``, ``--no-compile`` (``fast`` without torch.compile, for CPU
-smoke runs), and a final JSON line (``PEER_JSON {...}``) that gpu_check.py reads.
+smoke runs), a final JSON line (``PEER_JSON {...}``) that gpu_check.py reads, ``--profile N`` (N more steps after the
+timed ones under torch.profiler, summarised by ``profsum.py``; the timed steps are not profiled), and taking turns at
+the GPU after the first 3 (compiling) steps when gpu_check.py runs it beside gencli's measurement (``gpu_turns.py``;
+off unless GPU_CHECK_TURN_DIR is set).
 """
 # ruff: noqa: E401, E701, E702, I001 - the peer keeps the original's compact layout, so the two read side by side
 import argparse, copy, json, sys, time, torch, torch.nn.functional as F
@@ -22,6 +25,7 @@ from diffusers import UNet2DModel, DDPMScheduler, DDIMScheduler
 torch.backends.cuda.matmul.allow_tf32 = True; torch.backends.cudnn.allow_tf32 = True
 dev = "cuda"
 TINY = False
+TURN_AT = 3  # steps run before taking a turn at the GPU (the compiling ones), when scripts/gpu_check.py shares it
 
 
 def sync():
@@ -43,7 +47,7 @@ def make():
 sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear")
 
 
-def bench(mode, steps=100, warm=10, B=128, compile_=True):
+def bench(mode, steps=100, warm=10, B=128, compile_=True, profile_steps=0, turns=None):
     ac = sched.alphas_cumprod.to(dev)
     net = make(); ema = copy.deepcopy(net).eval().requires_grad_(False)
     if mode == "fast": net = net.to(memory_format=torch.channels_last)
@@ -51,8 +55,7 @@ def bench(mode, steps=100, warm=10, B=128, compile_=True):
     opt = torch.optim.Adam(net.parameters(), lr=2e-4)
     x0 = torch.rand(B, 3, 32, 32, device=dev) * 2 - 1
     ep, np_ = list(ema.parameters()), list(net.parameters())
-    for i in range(steps + warm):
-        if i == warm: sync(); t0 = time.perf_counter()
+    def step():
         t = torch.randint(0, 1000, (B,), device=dev); eps = torch.randn_like(x0)
         a = ac[t].view(-1, 1, 1, 1); xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
         with torch.autocast(dev, dtype=torch.bfloat16, enabled=(mode == "fast")):
@@ -60,11 +63,25 @@ def bench(mode, steps=100, warm=10, B=128, compile_=True):
         opt.zero_grad(set_to_none=True); loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0); opt.step()
         with torch.no_grad(): torch._foreach_lerp_(ep, np_, 1 - 0.9999)
+    for i in range(steps + warm):
+        if turns is not None and i == min(TURN_AT, warm): sync(); turns.acquire()  # compiled: the GPU in turns
+        if i == warm: sync(); t0 = time.perf_counter()
+        step()
     sync(); dt = time.perf_counter() - t0
     params = sum(p.numel() for p in net.parameters())
     print(f"peer diffusers {mode}: params {params/1e6:.2f}M batch {B} images/s {steps*B/dt:.1f} ms/batch {1000*dt/steps:.1f}", flush=True)
-    return net, {"mode": mode, "params": params, "batch": B, "steps": steps, "warmup": warm,
-                 "compile": mode == "fast" and compile_, "images_per_s": steps * B / dt, "ms_per_batch": 1000 * dt / steps}
+    out = {"mode": mode, "params": params, "batch": B, "steps": steps, "warmup": warm,
+           "compile": mode == "fast" and compile_, "images_per_s": steps * B / dt, "ms_per_batch": 1000 * dt / steps}
+    if profile_steps > 0:  # after the timed steps, so the profiler's overhead is not in them
+        try:
+            from profsum import lines, step_profiler, summarize
+            with step_profiler(dev) as prof:
+                for _ in range(profile_steps): step()
+            out["profile"] = summarize(prof, profile_steps, dev)
+            print("\n".join(lines(out["profile"], f"peer {mode} profile")), flush=True)
+        except Exception as e:  # a profile that fails leaves the measurement
+            out["profile"] = {"error": f"{type(e).__name__}: {e}"[:500]}
+    return net, out
 
 
 def ddim(net, n):
@@ -91,11 +108,19 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=10)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--no-compile", action="store_true")
+    p.add_argument("--profile", type=int, default=0, help="steps to profile after the timed ones (profsum.py)")
     a = p.parse_args(argv)
     dev, TINY = a.device, a.tiny
-    net, out = bench(a.mode, a.steps, a.warmup, a.batch, compile_=not a.no_compile)
-    if a.n_samples > 0:
-        out["ddim50"] = ddim(net, a.n_samples)
+    from gpu_turns import Turns
+    turns = Turns()
+    try:
+        net, out = bench(a.mode, a.steps, a.warmup, a.batch, compile_=not a.no_compile, profile_steps=a.profile,
+                         turns=turns if turns.on else None)
+        out.update(turns.info())
+        if a.n_samples > 0:
+            out["ddim50"] = ddim(net, a.n_samples)
+    finally:
+        turns.release()
     import diffusers
     out.update(device=dev, tiny=TINY, diffusers=diffusers.__version__, torch=torch.__version__)
     print("PEER_JSON " + json.dumps(out), flush=True)

@@ -99,3 +99,101 @@ def test_ratios_mfu_and_table_from_partial_results():
     assert "wrapper cost 5.0%" in table and "peer DDIM-50 bf16 eager: 0.0040" in table
     assert "| b |" not in table and "NVIDIA H100 80GB HBM3" in table and "torch 2.11.0" in table
     assert "part a (diffusion training: gencli vs the diffusers peer): timeout" in table
+
+
+def test_plan_budget_keeps_the_later_parts_reserves_and_skips_what_no_longer_fits():
+    gpu_check = load_gpu_check()
+    table = {"a": (200, 100, 100), "e": (100, 50, 50), "d": (80, 40, 0)}
+    assert gpu_check.plan_budget("a", ["e", "d"], 500, table) == 200  # its cap
+    assert gpu_check.plan_budget("a", ["e", "d"], 220, table) == 170  # leaves e's reserve; d reserves nothing
+    assert gpu_check.plan_budget("a", ["e", "d"], 120, table) == 100  # squeezed to its least, e pays
+    assert gpu_check.plan_budget("a", ["e", "d"], 90, table) == 0  # its least no longer fits: skip
+    assert gpu_check.plan_budget("d", [], 60, table) == 57
+
+
+def test_a_slow_compile_squeezes_later_parts_which_are_skipped_and_recorded(tmp_path, monkeypatch):
+    """The orchestrator with a fake worker whose compiling takes longer than planned: each part stays inside its
+    budget, later parts get less or are skipped, every part is in results.json, and the run ends inside --budget."""
+    gpu_check = load_gpu_check()
+    monkeypatch.setitem(gpu_check.PART_BUDGET, "cpu", {"a": (3.0, 1.0, 1.0), "e": (2.0, 1.0, 1.0),
+                                                       "b": (2.0, 1.0, 1.0), "c": (2.0, 1.5, 1.5)})
+    budgets = {}
+
+    def fake_run_part(part, args, budget, out, log):
+        budgets[part] = budget
+        compile_s = 5.0  # a compile slower than any cap: the part is stopped at its budget
+        import time as _time
+
+        _time.sleep(min(compile_s, budget))
+        return {"status": "timeout", "error": f"stopped at its {budget:.0f} s budget", "seconds": budget,
+                "budget_s": budget, "results": {"x": {"images_per_s": 1.0, "wall_s": budget}}}
+
+    monkeypatch.setattr(gpu_check, "run_part", fake_run_part)
+    monkeypatch.setattr(gpu_check, "collect_meta", lambda args: {
+        "device": "cpu", "device_kind": "cpu", "tiny": True, "compile": False, "torch": "x", "lightning": "x",
+        "python": "x", "gencli_commit": "x", "date": "x", "parts": args.parts, "sizes": gpu_check.sizes(args)})
+    import time
+
+    t0 = time.perf_counter()
+    rc = gpu_check.main(["--device", "cpu", "--tiny", "--parts", "a,e,b,c", "--budget", "9.5", "--out",
+                         str(tmp_path), "--work", str(tmp_path / "work")])
+    wall = time.perf_counter() - t0
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert rc == 1 and wall < 9.5 + 1.5
+    assert budgets["a"] == pytest.approx(3.0, abs=0.05)  # its cap: 9.5 - reserves 3.5 = 6 > 3
+    assert budgets["e"] <= 2.0 and budgets["b"] <= budgets["e"]
+    assert report["parts"]["c"]["status"] == "skipped" and "s of --budget left" in report["parts"]["c"]["error"]
+    assert {p["status"] for k, p in report["parts"].items() if k != "c"} == {"timeout"}
+    table = (tmp_path / "results.md").read_text()
+    assert "part c (DDIM-50 sampling: gpu_fast vs default): skipped" in table
+
+
+def test_recorder_skips_a_measurement_that_no_longer_fits(tmp_path):
+    gpu_check = load_gpu_check()
+    import time
+
+    rec = gpu_check.Recorder(tmp_path / "r.json", time.time() + 5)
+    assert rec("big", lambda: {"v": 1}, need=30) is None
+    assert rec("small", lambda: {"v": 2}, need=1)["v"] == 2
+    saved = json.loads((tmp_path / "r.json").read_text())
+    assert "needs ~30 s" in saved["big"]["skipped"] and saved["small"]["v"] == 2
+    assert gpu_check.err(saved["big"]).startswith("skipped: needs ~30 s")
+
+
+def test_the_timed_window_starts_after_the_wait_for_the_gpu():
+    """gencli's measurement beside the peer's waits for its turn at the GPU after its compiling steps: that wait is
+    never timed, even when the warm-up is as short as the compiling steps (the tiny run's)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    sys.path.insert(0, str(ROOT / "scripts" / "peers"))
+    try:
+        import lightning as L
+        import torch
+        from bench_diffusion import WindowClock
+        from benchlib import bench_trainer
+        from torch.utils.data import DataLoader, TensorDataset
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+        sys.path.remove(str(ROOT / "scripts" / "peers"))
+    import time
+
+    class SlowTurns:
+        def acquire(self):
+            time.sleep(1.0)
+
+    class Tiny(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    for warmup in (2, 5):
+        clock = WindowClock(warmup, steps=3, profile_steps=2, turns=SlowTurns(), turn_at=3)
+        loader = DataLoader(TensorDataset(torch.randn(40, 2), torch.zeros(40)), batch_size=4)
+        bench_trainer("cpu", "32-true", clock).fit(Tiny(), train_dataloaders=loader)
+        assert clock.timed == 3 and clock.stop - clock.start < 0.5, warmup
+        assert clock.profile["steps"] == 2 and clock.profile["aten_ops_per_step"] > 0
