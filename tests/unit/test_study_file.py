@@ -100,6 +100,7 @@ def test_a_crafted_stored_trial_refuses_the_resume_naming_the_parameter(tmp_path
     assert "\n" not in message
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # enqueue_trial, in optuna 2.x
 def test_a_queued_trial_that_carries_parameters_is_refused_before_any_job(tmp_path):
     """A WAITING trial is what study.ask() hands out next: parameters stored on it would reach the job's command
     line beside the drawn ones, so a new trial must arrive empty, and every drawn value is checked too."""
