@@ -24,8 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import logging
 import os
+import re
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -316,16 +319,236 @@ def os_error_in(err: BaseException) -> OSError | None:
 
 
 def save_failure(path: Path, err: OSError) -> RuntimeFailure:
-    """A failed save as one paragraph: what failed, that the previous checkpoints are intact, the fix."""
+    """A failed save as one paragraph: what failed, what there is to continue from (the previous checkpoint,
+    intact, or nothing at all when this was the run's first save), and the fix."""
     reason = err.strerror or str(err)
     code = errno.errorcode.get(err.errno or 0, "")
     fix = ("Free space on that disk" if err.errno in (errno.ENOSPC, errno.EDQUOT)
            else "Make that folder writable")
-    return RuntimeFailure(
-        f"could not write the checkpoint {path}: {reason}{f' ({code})' if code else ''}. Nothing was renamed over the "
-        f"existing checkpoints in {path.parent}, so the last good one is intact. {fix} (or send runs elsewhere with "
-        "paths.log_dir=DIR), then continue with the same command and resume=auto (or resume=PATH)."
-    )
+    previous = previous_checkpoints(path.parent)
+    if previous:
+        kept = (f"Nothing was renamed over the existing checkpoints in {path.parent}, so the last good one is intact "
+                f"({previous[0].name}). {fix} (or send runs elsewhere with paths.log_dir=DIR), then continue "
+                f"with the same command and resume=auto (or resume={previous[0]}).")
+    else:
+        kept = (f"No checkpoint had been written in {path.parent} before this one (and no partial file is left), so "
+                f"the run has none there to continue from. {fix} (or send runs elsewhere with paths.log_dir=DIR), then "
+                "run the same command again: it starts where this run started.")
+    return RuntimeFailure(f"could not write the checkpoint {path}: {reason}{f' ({code})' if code else ''}. {kept}")
+
+
+def previous_checkpoints(folder: str | os.PathLike) -> list[Path]:
+    """The complete checkpoints (regular ``*.ckpt`` files) in ``folder``, newest first."""
+    found = []
+    with contextlib.suppress(OSError):
+        for candidate in Path(folder).glob("*.ckpt"):
+            with contextlib.suppress(OSError):
+                info = candidate.lstat()
+                if stat.S_ISREG(info.st_mode):
+                    found.append((info.st_mtime, candidate))
+    return [p for _, p in sorted(found, key=lambda item: item[0], reverse=True)]
+
+
+# ----------------------------------------------------------------------------- removing
+#: The record of the checkpoint files a run lineage wrote, kept in its checkpoints folder (see CheckpointFolder).
+WRITTEN_RECORD = ".gencli-written.json"
+#: A record larger than this was not written by gencli (a name per checkpoint, a few dozen bytes each).
+RECORD_LIMIT = 1 << 20
+
+
+class CheckpointFolder:
+    """A run's checkpoints folder and the checkpoint files in it that gencli may remove.
+
+    Lightning removes the "previous" ``last`` and ``k``-th best checkpoints as a run goes on, by the paths
+    its ModelCheckpoint holds; on resume those come from the checkpoint file, which may come from a
+    stranger. So a file is removed only if all of these hold, whatever path is asked for:
+
+    - its real path (``..`` and every symbolic link resolved) lies inside ``folder``, and the path as given
+      passes through no symbolic link (a link in the folder that points elsewhere is never followed);
+    - its name relative to the folder has gencli's checkpoint naming (``naming``: the checkpoint callback's
+      ``filename`` template and ``last``, see :func:`gencli.callbacks.checkpoint.checkpoint_naming`);
+    - it is a regular file;
+    - it was written by this run or by the run it continues in this folder.
+
+    The last point is known from a small record, :data:`WRITTEN_RECORD` in the folder: the names of the
+    checkpoints this lineage saved there and has not removed. Every save through
+    :class:`gencli.checkpoint_io.SafeCheckpointIO` adds its name (rewritten atomically), every removal takes it
+    out, and a run continuing in the folder (``resume=auto``, or ``resume=PATH`` with the same run folder)
+    reads it at set-up. Why a record rather than "whatever gencli-named files are in the folder": a file the
+    user put there under a gencli-like name (a copy of another run's best checkpoint, say) was not written by
+    this lineage, and a crafted checkpoint could name it. The record is itself checked like any input: a
+    regular file (not a link), under :data:`RECORD_LIMIT` bytes, JSON with a list of plain relative names; one
+    that is not is ignored with a warning, and then nothing older than this run is removed (files are left
+    behind, never lost). A folder without a record (written by a gencli from before it existed) is taken as it
+    is at set-up: its gencli-named regular files are the predecessor's, since a run without ``resume=`` refuses
+    a folder that holds checkpoints.
+
+    Anything else is left in place with a warning naming the path. Only the process that writes checkpoints
+    (rank 0) saves and removes.
+    """
+
+    def __init__(self, folder: str | os.PathLike, naming: re.Pattern[str]):
+        self.folder = Path(os.path.realpath(os.path.expanduser(str(folder))))
+        self.naming = naming
+        self.written: set[str] = self._read_record()
+
+    # -- what a path is
+    def name_of(self, path: str | os.PathLike, naming: re.Pattern[str] | None = None,
+                must_exist: bool = True) -> tuple[str | None, str]:
+        """(the checkpoint's name relative to the folder, "") if ``path`` is one of gencli's checkpoints in the
+        folder (see the class docstring, the record aside), else (None, why not)."""
+        text = str(path)
+        if not text or "\x00" in text or "://" in text:
+            return None, "it is not a local file path"
+        given, real = _resolved(text)
+        if not _inside(real, self.folder):
+            return None, f"it lies outside the run's checkpoints folder {self.folder}"
+        if real != given:
+            return None, f"it passes through a symbolic link (it resolves to {real})"
+        name = Path(real).relative_to(self.folder).as_posix()
+        if not (naming or self.naming).fullmatch(name):
+            return None, f"its name {name!r} is not one gencli gives checkpoints"
+        try:
+            info = os.lstat(real)
+        except FileNotFoundError:
+            return (name, "") if not must_exist else (None, "it does not exist")
+        except OSError as err:
+            return None, f"it cannot be examined ({err.strerror or err})"
+        if not stat.S_ISREG(info.st_mode):
+            return None, "it is not a regular file"
+        return name, ""
+
+    def refusal(self, path: str | os.PathLike) -> str:
+        """Why ``path`` must not be removed, or "" when it may be."""
+        return self._removable(path)[1]
+
+    def _removable(self, path: str | os.PathLike) -> tuple[str | None, str]:
+        name, why = self.name_of(path, must_exist=False)
+        if name is None:
+            return None, why
+        if name not in self.written:
+            return None, (f"neither this run nor the run it continues wrote {name} (it is not in {WRITTEN_RECORD}, the "
+                          "record of the checkpoints saved in that folder)")
+        return name, ""
+
+    # -- saving and removing
+    def record(self, path: str | os.PathLike) -> None:
+        """Note the checkpoint just saved at ``path`` (a save outside the folder, or under another naming, is not)."""
+        real = _resolved(str(path))[1]
+        if not _inside(real, self.folder):
+            return
+        name = Path(real).relative_to(self.folder).as_posix()
+        if self.naming.fullmatch(name) and name not in self.written:
+            self.written.add(name)
+            self._write_record()
+
+    def remove(self, path: str | os.PathLike) -> bool:
+        """Remove the checkpoint ``path`` if gencli may (see the class docstring); else leave it with a warning."""
+        name, why = self._removable(path)
+        if name is None:
+            log.warning("left %s in place instead of removing it as an old checkpoint: %s. gencli removes only "
+                        "checkpoints it wrote in this run's checkpoints folder.", path, why)
+            return False
+        try:
+            dir_fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0))
+        except OSError as err:
+            log.warning("left %s in place: its folder cannot be opened (%s)", path, err.strerror or err)
+            return False
+        try:
+            os.unlink(name, dir_fd=dir_fd)  # relative to the folder as opened: one swapped for a link is not followed
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            log.warning("could not remove the old checkpoint %s (%s); it is left in place", path, err.strerror or err)
+            return False
+        finally:
+            os.close(dir_fd)
+        self.written.discard(name)
+        self._write_record()
+        return True
+
+    # -- the record
+    @property
+    def record_path(self) -> Path:
+        return self.folder / WRITTEN_RECORD
+
+    def _read_record(self) -> set[str]:
+        path = self.record_path
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except FileNotFoundError:
+            return self._present_at_start()
+        except OSError as err:  # ELOOP: the record is a symbolic link
+            log.warning("ignored %s (%s): it is not the record gencli writes, so no checkpoint from before this run "
+                        "will be removed from %s", path, err.strerror or err, self.folder)
+            return set()
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_size > RECORD_LIMIT:
+                problem = "not a regular file" if not stat.S_ISREG(info.st_mode) else f"{info.st_size} bytes"
+                raise ValueError(problem)
+            with os.fdopen(os.dup(fd), "rb") as f:
+                data = json.loads(f.read(RECORD_LIMIT + 1).decode("utf-8"))
+            names = data.get("written") if isinstance(data, dict) else None
+            if not isinstance(names, list) or not all(isinstance(n, str) and _plain_name(n) for n in names):
+                raise ValueError("its 'written' list does not hold plain checkpoint names")
+            return set(names)
+        except (ValueError, UnicodeDecodeError, OSError) as err:
+            log.warning("ignored %s (%s): it is not the record gencli writes, so no checkpoint from before this run "
+                        "will be removed from %s", path, err, self.folder)
+            return set()
+        finally:
+            os.close(fd)
+
+    def _present_at_start(self) -> set[str]:
+        """The gencli-named regular files in a folder that has no record (see the class docstring)."""
+        found: set[str] = set()
+        if not self.folder.is_dir():
+            return found
+        for root, _dirs, files in os.walk(self.folder):  # symbolic links to folders are not followed
+            for file in files:
+                name, _ = self.name_of(os.path.join(root, file))
+                if name is not None:
+                    found.add(name)
+        if found:
+            log.info("%s has no %s (written by an older gencli): its %d gencli-named checkpoint(s) are taken as the "
+                     "previous run's", self.folder, WRITTEN_RECORD, len(found))
+        return found
+
+    def _write_record(self) -> None:
+        if not self.folder.is_dir():
+            return
+        temp = self.folder / f".{WRITTEN_RECORD}.{os.getpid()}{PARTIAL_SUFFIX}"  # a killed run's: removed by the next
+        try:
+            with open(temp, "w") as f:
+                json.dump({"format": 1, "written": sorted(self.written)}, f, indent=1)
+                f.write("\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temp, self.record_path)
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.unlink(temp)
+            log.warning("could not update %s (%s): a run continuing this one will leave the checkpoints it does not "
+                        "find there in place", self.record_path, err.strerror or err)
+
+
+def _resolved(text: str) -> tuple[str, str]:
+    """(``text`` as an absolute path normalised as text, its real path as the OS resolves it). They differ when a
+    symbolic link is on the way: normalising ``a/link/../b`` gives ``a/b``, the OS goes through the link first."""
+    path = os.path.expanduser(text)
+    joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+    return os.path.normpath(joined), os.path.realpath(joined)
+
+
+def _inside(path: str | os.PathLike, folder: Path) -> bool:
+    return Path(path) != folder and folder in Path(path).parents
+
+
+def _plain_name(name: str) -> bool:
+    """A relative name with no '..', '.', empty or absolute part: what the record may hold."""
+    parts = name.split("/")
+    return bool(name) and "\x00" not in name and "\\" not in name and all(p not in ("", ".", "..") for p in parts)
 
 
 # ----------------------------------------------------------------------------- resuming

@@ -161,6 +161,6 @@ def test_last_checkpoint_is_the_latest_step_even_when_the_monitor_stops_improvin
     trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[checkpoints])
     trainer.fit(Worsening(), train_dataloaders=DataLoader(TensorDataset(torch.rand(8, 4)), batch_size=4))
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best-step=2.ckpt", "last.ckpt"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("*.ckpt")) == ["best-step=2.ckpt", "last.ckpt"]
     assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == trainer.global_step == 6
     assert Path(checkpoints.last_model_path).name == "last.ckpt"
