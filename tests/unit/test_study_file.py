@@ -4,6 +4,7 @@ distribution. The databases here are crafted with Optuna's own API into a real S
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import optuna
@@ -128,6 +129,8 @@ def test_values_are_checked_against_the_search_s_own_distributions():
     assert "range" in value_problem(float("inf"), UniformDistribution(0.0, 0.3))
     assert value_problem(0.001, LogUniformDistribution(0.0003, 0.005)) is None
     assert "range" in value_problem(0.0001, LogUniformDistribution(0.0003, 0.005))
+    top = math.exp(math.log(0.005))  # 0.005000000000000002: how a sampler's log-scale draw can come back
+    assert top > 0.005 and value_problem(top, LogUniformDistribution(0.0003, 0.005)) is None
     assert value_problem(0.5, DiscreteUniformDistribution(0.0, 1.0, 0.25)) is None
     assert "step of 0.25" in value_problem(0.3, DiscreteUniformDistribution(0.0, 1.0, 0.25))
     assert value_problem(4, IntUniformDistribution(0, 10, step=2)) is None
