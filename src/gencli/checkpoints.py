@@ -18,6 +18,12 @@ and renamed over the final one. So a checkpoint name always holds a complete fil
 stays intact when a save fails, e.g. on a full disk), and no partial file outlives the process that
 wrote it. Where ``O_TMPFILE`` is not supported the temporary file is named ``.<name>.<pid>.partial`` and
 the next run removes those whose process is gone (:func:`remove_stale_partials`).
+
+Removing (:class:`CheckpointFolder`): Lightning removes a run's previous ``last`` / k-th best checkpoint by the
+path its callback holds, which on resume comes from the checkpoint file. gencli removes a file only if its real
+path lies in the run's own checkpoints folder, it has gencli's checkpoint naming, and the folder's record
+(:data:`WRITTEN_RECORD`) says this run or the run it continues wrote it; anything else stays, with a warning.
+A save that fails (e.g. a full disk) says what there is to continue from (:func:`save_failure`).
 """
 
 from __future__ import annotations
