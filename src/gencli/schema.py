@@ -37,24 +37,37 @@ from gencli.safety import iter_nodes, resolve_target
 
 @dataclass(frozen=True)
 class Range:
-    """Bounds for a number (any of them may be None)."""
+    """Bounds for a number (any of them may be None), the values allowed besides them (``also``: -1 for "no
+    limit") and what the value means (``means``), said with every refusal so that a user reads what is wrong
+    and what the key is for."""
 
     ge: float | None = None
     gt: float | None = None
     le: float | None = None
     lt: float | None = None
+    also: tuple = ()
+    means: str = ""
 
-    def check(self, value: Any) -> str | None:
-        """None when ``value`` is inside, else what it must be."""
+    def check(self, value: Any, alternatives: tuple[str, ...] = ()) -> str | None:
+        """None when ``value`` is inside, else what it must be (``alternatives``: what else the key accepts, such
+        as "null" for an optional value, named beside the range)."""
         if not isinstance(value, int | float) or isinstance(value, bool):
             return None  # the type check reports non-numbers
         if isinstance(value, float) and math.isnan(value):
-            return "a number (not NaN)"
+            return self.explain("a number (not NaN)", alternatives)
+        if value in self.also:
+            return None
         bounds = ((self.ge, ">= {}", value >= (self.ge or 0)), (self.gt, "> {}", value > (self.gt or 0)),
                   (self.le, "<= {}", value <= (self.le or 0)), (self.lt, "< {}", value < (self.lt or 0)))
         if any(bound is not None and not inside for bound, _, inside in bounds):
-            return " and ".join(text.format(bound) for bound, text, _ in bounds if bound is not None)
+            return self.explain(" and ".join(text.format(bound) for bound, text, _ in bounds if bound is not None),
+                                alternatives)
         return None
+
+    def explain(self, bounds: str, alternatives: tuple[str, ...] = ()) -> str:
+        others = [*(str(v) for v in self.also), *alternatives]
+        text = bounds + "".join(f", or {other}" for other in others)
+        return f"{text}: {self.means}" if self.means else text
 
 
 @dataclass(frozen=True)
@@ -139,8 +152,21 @@ RANGES: dict[str, dict[str, Range]] = {
     "gencli.callbacks.SampleGrid": {"every_n_steps": NON_NEGATIVE, "n": POSITIVE},
     "gencli.callbacks.GANMonitor": {"every_n_steps": POSITIVE, "n": Range(ge=2), "collapse_ratio": NON_NEGATIVE,
                                     "d_win_fraction": Range(ge=0, le=1), "d_win_checks": POSITIVE},
-    "gencli.callbacks.SampleQuality": {"every_n_epochs": NON_NEGATIVE, "n": Range(ge=2), "batch_size": POSITIVE},
-    "lightning.pytorch.Trainer": {"max_epochs": Range(ge=-1), "max_steps": Range(ge=-1), "min_epochs": NON_NEGATIVE,
+    "gencli.callbacks.SampleQuality": {"every_n_epochs": NON_NEGATIVE, "n": Range(ge=2), "batch_size": POSITIVE,
+                                       "reference_n": Range(ge=2, means="the first n real images of the split; null: "
+                                                            "the whole split")},
+    # 0 epochs, 0 steps or 0 training batches would train nothing and still end "completed", without a checkpoint
+    "lightning.pytorch.Trainer": {"max_epochs": Range(ge=1, also=(-1,), means=(
+                                      "the epochs to train (-1: no limit, then max_steps or max_time ends the run; "
+                                      "null: Lightning's default, 1000 unless max_steps is set); 0 would train "
+                                      "nothing")),
+                                  "max_steps": Range(ge=1, also=(-1,), means=(
+                                      "the optimiser steps to train (-1: no limit, the default, then max_epochs or "
+                                      "max_time ends the run); 0 would train nothing")),
+                                  "limit_train_batches": Range(gt=0, means=(
+                                      "the training batches per epoch (an integer) or the fraction of them (a number "
+                                      "<= 1.0); null: all; 0 would train nothing")),
+                                  "min_epochs": NON_NEGATIVE,
                                   "log_every_n_steps": POSITIVE, "accumulate_grad_batches": POSITIVE,
                                   "check_val_every_n_epoch": POSITIVE, "num_sanity_val_steps": Range(ge=-1),
                                   "gradient_clip_val": NON_NEGATIVE, "num_nodes": POSITIVE},
@@ -152,6 +178,19 @@ RANGES: dict[str, dict[str, Range]] = {
 
 
 # ----------------------------------------------------------------------------- job options
+#: A GAN's truncation psi (sample and eval): 0 < psi <= 1.
+TRUNCATION = Range(gt=0, le=1, means=("the GAN's truncation psi, which scales the prior's latents (1: as drawn, "
+                                      "smaller: more typical images, less variety); null: none"))
+
+
+@dataclass
+class EvalReference:
+    """``reference.*`` of gencli eval: a nested mapping whose keys are checked like job options."""
+
+    n: Annotated[int, Range(ge=2, means="the first n real images of the split; null: the whole split")] | None
+    cache: bool
+
+
 @dataclass
 class TrainJob:
     task_name: str
@@ -173,11 +212,11 @@ class SampleJob:
     n: Annotated[int, POSITIVE]
     batch_size: Annotated[int, POSITIVE]
     seed: int
-    nrow: Annotated[int, POSITIVE] | None
+    nrow: Annotated[int, Range(ge=1, means="the images per row of the PNG grid (null: a square grid)")] | None
     interpolation_steps: Annotated[int, Range(ge=2)]
     device: str
     use_ema: bool | None
-    truncation: Annotated[float, Range(gt=0, le=1)] | None
+    truncation: Annotated[float, TRUNCATION] | None
     format: Literal["npz", "png", "both"]
     grid_n: Annotated[int, NON_NEGATIVE]
     input: str
@@ -196,14 +235,16 @@ class EvalJob:
     samples: str | None
     ref: str | None
     split: Literal["train", "val"]
-    n: int
+    n: Annotated[int, Range(ge=0, means=(
+        "how many images: generated from ckpt= (at least 2), the first n of samples= files, or the real images of "
+        "metric=recon; 0 takes all of samples= (recon: the whole split)"))]
     batch_size: Annotated[int, POSITIVE]
     seed: int
     device: str
     use_ema: bool | None
-    truncation: Annotated[float, Range(gt=0, le=1)] | None
+    truncation: Annotated[float, TRUNCATION] | None
     save_samples: bool
-    reference: dict
+    reference: EvalReference
     labels: int | str | list[int | str] | None
     guidance: Annotated[float, NON_NEGATIVE] | None
 
@@ -283,10 +324,22 @@ def check_job_options(plain: dict, job: str) -> None:
         if key not in fields:
             raise unknown_key(key, value, [*fields, *sorted(GROUP_KEYS - {"hydra"})], f"gencli {job}",
                               f"conf/{job}.yaml")
-        problem = type_problem(value, fields[key])
-        if problem:
-            raise ConfigError(f"{key}={show(value)} is not valid: {key} must be {problem} (gencli {job}; see "
-                              f"conf/{job}.yaml).")
+        check_option(key, value, fields[key], job)
+
+
+def check_option(key: str, value: Any, annotation: Any, job: str) -> None:
+    """One job option; a nested mapping described by a dataclass (``reference``) key by key."""
+    if dataclasses.is_dataclass(annotation) and isinstance(value, dict):
+        inner = typing.get_type_hints(annotation, include_extras=True)
+        for sub, sub_value in value.items():
+            if sub not in inner:
+                raise unknown_key(f"{key}.{sub}", sub_value, list(inner), f"gencli {job}'s {key}", f"conf/{job}.yaml")
+            check_option(f"{key}.{sub}", sub_value, inner[sub], job)
+        return
+    problem = "a mapping" if dataclasses.is_dataclass(annotation) else type_problem(value, annotation)
+    if problem:
+        raise ConfigError(f"{key}={show(value)} is not valid: {key} must be {problem} (gencli {job}; see "
+                          f"conf/{job}.yaml).")
 
 
 def check_node(where: str, node: dict) -> None:
@@ -316,7 +369,9 @@ def check_node(where: str, node: dict) -> None:
             raise ConfigError(f"{full} is required here (it is null): set {full}=... ({problem}; "
                               f"{target.rsplit('.', 1)[-1]}'s {key}).")
         if problem is None and key in ranges:
-            problem = ranges[key].check(value)
+            optional = ("null",) if value is not None and type_problem(None, annotation) is None else ()
+            check = ranges[key]
+            problem = check.check(value, optional) if isinstance(check, Range) else check.check(value)
         if problem:
             raise ConfigError(f"{full}={show(value)} is not valid: it must be {problem} ({target.rsplit('.', 1)[-1]}'s "
                               f"{key}; see 'gencli <verb> --cfg job').")
@@ -370,6 +425,12 @@ def type_problem(value: Any, annotation: Any) -> str | None:
         problems = [type_problem(value, arm) for arm in args]
         if any(p is None for p in problems):
             return None
+        for arm in args:  # the value has an arm's type but not its range: say the range, not "a number or null"
+            if typing.get_origin(arm) is Annotated and type_problem(value, typing.get_args(arm)[0]) is None:
+                others = tuple(dict.fromkeys(describe_type(a) for a in args if a is not arm))
+                for extra in typing.get_args(arm)[1:]:
+                    if isinstance(extra, Range) and (problem := extra.check(value, others)):
+                        return problem
         names = [describe_type(arm) for arm in args]
         return " or ".join(dict.fromkeys(names))
     if origin is Literal:
@@ -389,9 +450,9 @@ def type_problem(value: Any, annotation: Any) -> str | None:
             return f"a list ({describe_type(annotation)})"
         inner = [a for a in args if a is not Ellipsis]
         if len(inner) == 1:
-            for item in value:
+            for index, item in enumerate(value):
                 if problem := type_problem(item, inner[0]):
-                    return f"a list of {problem}s"
+                    return f"a list whose every item is {problem} (item {index} is {show(item)})"
         elif len(inner) > 1:  # a fixed-length tuple: (beta1, beta2)
             expected = f"a list of {len(inner)}: {', '.join(describe_type(a) for a in inner)}"
             if len(value) != len(inner) or any(type_problem(v, a) for v, a in zip(value, inner)):

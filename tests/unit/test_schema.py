@@ -133,7 +133,100 @@ def test_ranges_and_messages(compose_cfg):
     assert Range(ge=1).check(float("nan")) == "a number (not NaN)"
     with pytest.raises(ConfigError, match=r"model.encoder.base_channels=0 is not valid: it must be >= 1"):
         validate(compose_cfg("train", ["model.encoder.base_channels=0"]), "train")
-    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-5 is not valid: it must be >= -1"):
+    with pytest.raises(ConfigError, match=r"trainer.max_epochs=-5 is not valid: it must be >= 1, or -1, or null: "):
         validate(compose_cfg("train", ["trainer.max_epochs=-5"]), "train")
     with pytest.raises(ConfigError, match=r"model.g_optimizer.betas=\[0.5, 'abc'\] is not valid: it must be a list"):
         validate(compose_cfg("train", ["model=dcgan", "model.g_optimizer.betas=[0.5,abc]"]), "train")
+
+
+def test_a_range_failure_says_the_range_not_the_type():
+    """A number outside its range is told the range (and what the key means), never "must be a number or null",
+    which it is: the mechanism, for every optional ranged value and every list of ranged items."""
+    from typing import Annotated
+
+    psi = Annotated[float, Range(gt=0, le=1, means="psi")] | None
+    assert type_problem(-1, psi) == "> 0 and <= 1, or null: psi"
+    assert type_problem("x", psi) == "a number or null"  # a wrong type is still told the type
+    assert type_problem(0, Annotated[int, Range(ge=1)] | None) == ">= 1, or null"
+    assert type_problem([3, 0], list[Annotated[int, Range(ge=1)]]) == "a list whose every item is >= 1 (item 1 is 0)"
+    assert type_problem([3, "a"], list[int]) == "a list whose every item is an integer (item 1 is a)"
+    assert Range(ge=1, also=(-1,)).check(-1) is None and Range(ge=1, also=(-1,)).check(0) == ">= 1, or -1"
+    # every optional ranged job option: its type passes, the message is its range
+    for job, schema in JOBS.items():
+        for name, annotation in job_fields_of(schema).items():
+            ranged = [a for a in typing_args(annotation) if typing_origin(a) is Annotated]
+            for arm in ranged:
+                check = next(extra for extra in typing_args(arm)[1:] if isinstance(extra, Range))
+                outside = (check.ge - 1) if check.ge is not None else (check.gt - 1) if check.gt is not None \
+                    else check.le + 1
+                problem = type_problem(outside, annotation)
+                assert problem and problem.startswith((">", "<")), (job, name, outside, problem)
+
+
+def job_fields_of(schema):
+    import typing
+
+    return typing.get_type_hints(schema, include_extras=True)
+
+
+def typing_args(annotation):
+    import typing
+
+    return typing.get_args(annotation) if typing.get_origin(annotation) is not None else ()
+
+
+def typing_origin(annotation):
+    import typing
+
+    return typing.get_origin(annotation)
+
+
+@pytest.mark.parametrize("job, override, says", [
+    ("sample", "truncation=-1", "truncation=-1 is not valid: truncation must be > 0 and <= 1, or null: the GAN's "
+                                "truncation psi"),
+    ("eval", "truncation=0", "truncation=0 is not valid: truncation must be > 0 and <= 1, or null"),
+    ("sample", "nrow=0", "nrow=0 is not valid: nrow must be >= 1, or null: the images per row of the PNG grid"),
+    ("eval", "n=-5", "n=-5 is not valid: n must be >= 0: how many images"),
+    ("eval", "reference.n=-3", "reference.n=-3 is not valid: reference.n must be >= 2, or null: the first n real "
+                               "images of the split; null: the whole split"),
+    ("eval", "reference.n=0", "reference.n=0 is not valid: reference.n must be >= 2, or null"),
+    ("eval", "+reference.nn=3", "reference.nn=3: gencli eval's reference has no option 'nn'. Did you mean reference.n?"),
+])
+def test_job_options_out_of_range_name_the_range(compose_cfg, job, override, says):
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_cfg(job, ["ckpt=x.ckpt", override]), job)
+    assert says in caught.value.message, caught.value.message
+    assert "must be a number or null" not in caught.value.message
+    assert "must be an integer or null" not in caught.value.message
+
+
+@pytest.mark.parametrize("overrides", [["n=0"], ["n=1000"], ["reference.n=null"], ["reference.n=500"],
+                                       ["truncation=1"], ["truncation=null"]])
+def test_documented_eval_values_stay_valid(compose_cfg, overrides):
+    validate(compose_cfg("eval", ["ckpt=x.ckpt", *overrides]), "eval")
+
+
+@pytest.mark.parametrize("override", ["trainer.max_epochs=0", "trainer.max_steps=0", "trainer.limit_train_batches=0",
+                                      "trainer.limit_train_batches=0.0"])
+def test_a_trainer_that_would_train_nothing_is_refused(compose_cfg, override):
+    """max_epochs=0 (or max_steps=0, or no training batch) used to train nothing, write no checkpoint and still
+    report the run "completed"."""
+    with pytest.raises(ConfigError) as caught:
+        validate(compose_cfg("train", ["callbacks=minimal", override]), "train")
+    key, value = override.split("=")
+    assert caught.value.message.startswith(f"{key}={value} is not valid: it must be ")
+    assert "0 would train nothing" in caught.value.message
+
+
+@pytest.mark.parametrize("overrides", [
+    ["trainer.max_epochs=-1", "trainer.max_time=00:00:01:00"], ["trainer.max_epochs=null"],
+    ["trainer.max_steps=-1"], ["trainer.max_steps=5", "trainer.max_epochs=-1"], ["trainer.max_epochs=1"],
+    ["trainer.limit_train_batches=0.5"], ["trainer.limit_train_batches=3"], ["trainer.limit_train_batches=null"],
+])
+def test_trainer_limits_that_train_stay_valid(compose_cfg, overrides):
+    from omegaconf import OmegaConf
+
+    from gencli.schema import check_node
+
+    cfg = compose_cfg("train", overrides)
+    check_node("trainer", OmegaConf.to_container(cfg.trainer, resolve=True))
