@@ -195,3 +195,61 @@ def test_an_integer_kid_gamma_works_like_the_float():
     as_int = feed(KIDMetric(subsets=1, subset_size=30, gamma=1), reference_of(real), fake)
     as_float = feed(KIDMetric(subsets=1, subset_size=30, gamma=1.0), reference_of(real), fake)
     assert as_int == as_float
+
+
+def rank_deficient(seed: int = 0, n: int = 40, dim: int = 64) -> np.ndarray:
+    """Fewer images than dimensions, non-negative like pool3 features: the covariance's zero eigenvalues come out
+    of the eigen-solver slightly negative, so FID of a set against itself lands just below 0."""
+    rng = np.random.default_rng(seed)
+    return np.maximum(rng.normal(size=(n, dim)) @ rng.normal(size=(dim, dim)) * 3 + 1, 0).astype(np.float32)
+
+
+def test_fid_of_identical_sets_is_zero_with_a_note_on_rounding():
+    """Two identical sets gave FID -1.5e-06: a distance below 0 by rounding is 0, with the raw value in a note."""
+    from torchmetrics.image.fid import _compute_fid
+
+    real = rank_deficient()
+    f64 = torch.from_numpy(real).double()
+    raw = float(_compute_fid(f64.mean(0), torch.cov(f64.T), f64.mean(0), torch.cov(f64.T)))
+    assert raw < 0  # the case: torchmetrics' own value is negative
+    metric = FIDMetric()
+    value = feed(metric, reference_of(real), real)["fid"]
+    assert value == 0.0
+    notes = metric.reader_notes()
+    assert len(notes) == 1 and "within float64 rounding of 0" in notes[0] and "reported as 0" in notes[0]
+    assert notes[0] in metric.settings()["notes"]
+    # sets that differ keep their value and get no note
+    other = FIDMetric()
+    assert feed(other, reference_of(real), rank_deficient(seed=1))["fid"] > 1 and other.reader_notes() == []
+
+
+def test_a_clearly_negative_fid_is_a_failure_not_clamped():
+    from gencli.errors import RuntimeFailure
+    from gencli.metrics.sample_metrics import fid_rounding_tolerance, settle_fid
+
+    cov = torch.cov(torch.from_numpy(rank_deficient()).double().T)
+    tolerance = fid_rounding_tolerance(cov, cov)
+    assert 0 < tolerance < 1e-2
+    assert settle_fid(-tolerance / 2, cov, cov)[0] == 0.0
+    assert settle_fid(3.5, cov, cov) == (3.5, None)
+    with pytest.raises(RuntimeFailure, match=r"FID came out as -0.5, below -.*a Fréchet distance cannot be negative"):
+        settle_fid(-0.5, cov, cov)
+
+
+def test_intra_fid_per_class_rounding_is_zero_with_a_note():
+    from gencli.metrics.conditional import frechet_distance
+
+    same = torch.from_numpy(rank_deficient(seed=2)).double()
+    notes: list[str] = []
+    assert frechet_distance(same, same, notes, "class 3's FID") == 0.0
+    assert len(notes) == 1 and notes[0].startswith("class 3's FID computed as -")
+
+
+def test_a_negative_kid_is_reported_unclamped_with_a_note():
+    """KID is an unbiased estimator: for alike sets it scatters around 0, so a slightly negative value is legitimate
+    and kept (clamping would bias it); the reader is told why."""
+    real = rank_deficient(seed=3, n=60, dim=8)
+    metric = KIDMetric(subsets=5, subset_size=60)
+    value = feed(metric, reference_of(real), real)["kid"]
+    assert value < 0
+    assert any("unbiased" in note and "reported unclamped" in note for note in metric.reader_notes())

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from gencli.errors import ConfigError
 from gencli.metrics.base import EvalContext, MetricResult
-from gencli.metrics.sample_metrics import SampleMetric, Shard, at_least
+from gencli.metrics.sample_metrics import SampleMetric, Shard, at_least, settle_fid
 
 
 class ClassMetric(SampleMetric):
@@ -177,7 +177,7 @@ class IntraFID(ClassMetric):
                 self.notes.append(f"class {k}: {len(real_k)} real and {len(fake_k)} generated images, fewer than "
                                   f"{self.min_images}: left out of the mean")
                 continue
-            self.per_class[int(k)] = frechet_distance(real_k, fake_k)
+            self.per_class[int(k)] = frechet_distance(real_k, fake_k, self.notes, f"class {k}'s FID")
         if not self.per_class:
             raise ConfigError("intra-FID: no class has enough real and generated images; raise n (and reference.n).")
         smallest = min(min(c["real"], c["generated"]) for c in self.counts.values())
@@ -192,13 +192,17 @@ class IntraFID(ClassMetric):
                 **({"notes": self.notes} if self.notes else {})}
 
 
-def frechet_distance(real: Tensor, fake: Tensor) -> float:
-    """FID between two float64 feature sets, by torchmetrics' own formula (the one FIDMetric uses)."""
+def frechet_distance(real: Tensor, fake: Tensor, notes: list[str] | None = None, what: str = "FID") -> float:
+    """FID between two float64 feature sets, by torchmetrics' own formula (the one FIDMetric uses); a value below 0
+    by rounding alone is 0, with a note appended to ``notes`` (:func:`~gencli.metrics.sample_metrics.settle_fid`)."""
     from torchmetrics.image.fid import _compute_fid
 
     mu_r, mu_f = real.mean(0), fake.mean(0)
     cov_r, cov_f = torch.cov(real.T), torch.cov(fake.T)
-    return float(_compute_fid(mu_r, cov_r, mu_f, cov_f))
+    value, note = settle_fid(float(_compute_fid(mu_r, cov_r, mu_f, cov_f)), cov_r, cov_f, what)
+    if note is not None and notes is not None:
+        notes.append(note)
+    return value
 
 
 CLASS_METRICS = {"class_accuracy": ClassAccuracy, "intra_fid": IntraFID}

@@ -125,6 +125,11 @@ class FeatureExtractor:
     def features(self, images: Tensor) -> Tensor:
         return self.extract(images)[0]
 
+    def num_classes(self) -> int | None:
+        """The classes of the data set the extractor's logits are (the domain classifier's, once prepared), or None
+        when its classes are not the data's (Inception's ImageNet classes)."""
+        return None
+
     def logits(self, images: Tensor) -> Tensor | None:
         return self.extract(images)[1]
 
@@ -333,6 +338,9 @@ class DomainFeatures(FeatureExtractor):
         self.module.to(device).eval()
         self.feature_dim = self.module.net.feature_dim
         self._prepared_for = describe
+
+    def num_classes(self) -> int | None:
+        return int(self.module.net.num_classes) if self.module is not None else None
 
     def from_checkpoint(self, path: str):
         from gencli.checkpoints import restore_model

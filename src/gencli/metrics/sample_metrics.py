@@ -204,6 +204,11 @@ class SampleMetric(EvalMetric):
     def settings(self) -> dict[str, Any]:
         return {}
 
+    def reader_notes(self) -> list[str]:
+        """What a reader must see beside this pass's numbers (printed under the table and kept in metrics.json):
+        a FID of identical sets rounded to 0, a negative KID. Set by finish()."""
+        return list(getattr(self, "printed_notes", []))
+
     def __call__(self, ctx: EvalContext) -> MetricResult:
         results = shared_pass(ctx, self)
         return results[id(self)]
@@ -222,7 +227,8 @@ class FIDMetric(SampleMetric):
             self.metric.real_features_sum = torch.from_numpy(np.asarray(ref.feature_sum, dtype=np.float64)).clone()
             self.metric.real_features_cov_sum = torch.from_numpy(np.asarray(ref.outer_sum, dtype=np.float64)).clone()
             self.metric.real_features_num_samples = torch.tensor(int(ref.n), dtype=torch.long)
-        self.notes = []
+        self.shard = shard
+        self.notes, self.printed_notes = [], []
         dim = ref.features.shape[1]
         if min(ref.n, n_fake) <= dim:
             self.notes.append(f"fewer images (real {ref.n}, generated {n_fake}) than feature dimensions ({dim}): the "
@@ -232,15 +238,74 @@ class FIDMetric(SampleMetric):
         self.metric.update(features.double(), real=False)
 
     def finish(self) -> dict[str, float]:
-        return {"fid": float(self.metric.compute())}
+        value = float(self.metric.compute())
+        if value < 0:  # rare: the covariances are only needed to know how much rounding explains
+            sync = self.metric.sync_context(dist_sync_fn=self.shard.gather if self.shard is not None else None,
+                                            should_sync=self.shard is not None)
+            with sync:  # under a Shard: the combined states (every rank takes this branch: same value everywhere)
+                cov_real, cov_fake = fid_covariances(self.metric)
+            value, note = settle_fid(value, cov_real, cov_fake)
+            self.notes.append(note)
+            self.printed_notes.append(note)
+        return {"fid": value}
 
     def settings(self) -> dict[str, Any]:
         return {"implementation": "torchmetrics FrechetInceptionDistance on precomputed features (float64)",
                 **({"notes": self.notes} if self.notes else {})}
 
 
+def fid_covariances(metric) -> tuple[Tensor, Tensor]:
+    """The real and generated covariances of a torchmetrics FrechetInceptionDistance's states, by its own formula."""
+    covs = []
+    for side in ("real", "fake"):
+        n = getattr(metric, f"{side}_features_num_samples")
+        mean = (getattr(metric, f"{side}_features_sum") / n).unsqueeze(0)
+        covs.append((getattr(metric, f"{side}_features_cov_sum") - n * mean.t().mm(mean)) / (n - 1))
+    return covs[0].double(), covs[1].double()
+
+
+def fid_rounding_tolerance(cov_real: Tensor, cov_fake: Tensor) -> float:
+    """How far below 0 float64 rounding can take ``||mu1 - mu2||^2 + Tr(S1 + S2 - 2 sqrt(S1 S2))`` of (nearly)
+    identical sets.
+
+    The eigenvalues of ``S1 S2`` are found to about ``eps ||S1|| ||S2||``; the square root turns that error, for
+    the (near-)zero eigenvalues of rank-deficient covariances, into ``sqrt(eps ||S1|| ||S2||)`` each, and ``2 Tr``
+    sums D of them. Identical sets measured at D = 64..512 dims with fewer images than dims come out at about a
+    quarter of this bound (and at 1e-15 of the trace with full-rank covariances); the trace terms add a few eps.
+    """
+    eps = torch.finfo(torch.float64).eps
+    dim = int(cov_real.shape[0])
+    norm_real = float(torch.linalg.eigvalsh(cov_real).abs().max()) if dim else 0.0
+    norm_fake = float(torch.linalg.eigvalsh(cov_fake).abs().max()) if dim else 0.0
+    traces = abs(float(cov_real.trace())) + abs(float(cov_fake.trace()))
+    return 2 * dim * (eps * norm_real * norm_fake) ** 0.5 + 16 * dim * eps * traces
+
+
+def settle_fid(value: float, cov_real: Tensor, cov_fake: Tensor, what: str = "FID") -> tuple[float, str | None]:
+    """A Fréchet distance is never negative: a value below 0 by no more than float64 rounding is reported as 0, with a
+    note holding the raw value; one further below is a numerical failure, raised (never clamped silently)."""
+    if not value < 0:  # >= 0, or NaN (left for the caller to show as it is)
+        return value, None
+    tolerance = fid_rounding_tolerance(cov_real, cov_fake)
+    if value >= -tolerance:
+        return 0.0, (f"{what} computed as {value:.3g}, within float64 rounding of 0 (tolerance {tolerance:.2g} for these "
+                     f"{int(cov_real.shape[0])}-d features): reported as 0, the two image sets have the same feature "
+                     "statistics up to rounding")
+    from gencli.errors import RuntimeFailure
+
+    raise RuntimeFailure(
+        f"{what} came out as {value:.6g}, below -{tolerance:.2g}, the most float64 rounding can explain for these "
+        f"{int(cov_real.shape[0])}-d features: a Fréchet distance cannot be negative, so the features or their "
+        "statistics are broken (non-finite features, a corrupted reference cache). Recompute the reference "
+        "statistics with reference.cache=false; if it persists, report it with the command line.")
+
+
 class KIDMetric(SampleMetric):
-    """Kernel distance (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 over subsets."""
+    """Kernel distance (Binkowski et al. 2018): unbiased MMD^2 with k(x, y) = (x.y / d + 1)^3 over subsets.
+
+    The estimator is unbiased, so for two sets from one distribution it scatters around 0 and can be slightly
+    negative: the value is reported as computed (clamping it would bias it upwards), with a note saying so.
+    """
 
     name = "kid"
 
@@ -275,12 +340,20 @@ class KIDMetric(SampleMetric):
         if self.shard is not None:
             one_tensor_per_rank(self.metric, ("real_features", "fake_features"), self.dim)
         mean, std = self.metric.compute()
+        self.printed_notes = []
+        if float(mean) < 0:
+            self.printed_notes.append(
+                f"KID is {float(mean):.3g} (std {float(std):.2g} over subsets): KID is an unbiased estimate of a squared "
+                "distance, which scatters around 0 when the two sets are alike; a slightly negative value means no "
+                "measurable difference and is reported unclamped")
         return {"kid": float(mean), "kid_std": float(std)}
 
     def settings(self) -> dict[str, Any]:
         return {"implementation": "torchmetrics KernelInceptionDistance on precomputed features (float64)",
                 "subsets": self.subsets, "subset_size": self.used_subset_size, "subset_size_asked": self.subset_size,
-                "kernel": f"(x.y * {self.gamma if self.gamma is not None else '1/d'} + {self.coef:g})^{self.degree}"}
+                "kernel": f"(x.y * {self.gamma if self.gamma is not None else '1/d'} + {self.coef:g})^{self.degree}",
+                "estimator": "unbiased MMD^2: may be slightly negative for alike sets; reported unclamped",
+                **({"notes": self.printed_notes} if getattr(self, "printed_notes", None) else {})}
 
 
 class ISMetric(SampleMetric):
@@ -509,6 +582,31 @@ def real_images(ctx: EvalContext, names: str):
     return SplitImages(ctx.require_data(names), ctx.split)
 
 
+def label_classes(ctx: EvalContext, extractor=None) -> list[tuple[int, str]]:
+    """(number of classes, whose classes) of everything in this eval that knows the classes: the domain
+    classifier (once prepared), a conditional checkpoint, the data set."""
+    found = []
+    if extractor is not None and (k := extractor.num_classes()) is not None:
+        found.append((int(k), f"the domain classifier (features={extractor.name})"))
+    if ctx.model is not None and getattr(ctx.model, "conditional", False):
+        found.append((int(ctx.model.num_classes), f"ckpt={ctx.ckpt}"))
+    names = ctx.datamodule.classes() if ctx.datamodule is not None and hasattr(ctx.datamodule, "classes") else None
+    if names:
+        found.append((len(names), f"data={ctx.datamodule.name}"))
+    return found
+
+
+def check_file_labels(ctx: EvalContext, real, source: ImageSource, extractor=None,
+                      classes: list[tuple[int, str]] | None = None) -> None:
+    """Refuse (ConfigError) class labels of samples= / ref= files outside the classes that the classifier, the
+    checkpoint or the data set know: a label -1 or 10**12 would count as a wrong class, silently."""
+    files = [f for f in (source, getattr(real, "source", None)) if isinstance(f, FileSource) and f.labels is not None]
+    known = label_classes(ctx, extractor) if classes is None else classes
+    for num_classes, whose in known or [(None, "")]:  # classes not known yet: at least no negative label
+        for file in files:
+            file.check_labels(num_classes, whose)
+
+
 def make_source(ctx: EvalContext, real) -> ImageSource:
     if ctx.samples:
         return FileSource(ctx.samples, real.image_shape, n=ctx.n,
@@ -532,13 +630,22 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
     with timed("io"):  # ref= / samples= files are opened (and an .npz read) here
         real = real_images(ctx, names)
         source = make_source(ctx, real)  # shape errors before any classifier training or data pass
+    labelled = any(m.needs_labels for m in metrics)
+    if labelled:  # labels outside the classes known so far: refused before the classifier and the reference pass
+        check_file_labels(ctx, real, source)
     extractor = ctx.features
     with timed("setup"):
         extractor.prepare(ctx.datamodule if ctx.datamodule is not None else real, ctx.device)
+    if labelled:
+        check_file_labels(ctx, real, source, extractor)
     ref = load_or_compute_images(real, extractor, ctx.reference_n, ctx.cache_dir, batch_size=ctx.batch_size,
                                  use_cache=ctx.use_cache)
-    if any(m.needs_labels for m in metrics):  # the reference holds the first ref.n real images: their labels
+    if labelled:  # the reference holds the first ref.n real images: their labels
         ref.labels = real.labels(ref.n)
+        if not label_classes(ctx, extractor) and ref.labels is not None and len(ref.labels):
+            # nothing else knows the classes (ref= files, features=inception): the real images' labels do
+            classes = int(ref.labels.max()) + 1
+            check_file_labels(ctx, real, source, classes=[(classes, f"the real images' labels (ref={ctx.ref})")])
     out = run_sample_metrics(metrics, source, extractor, ref, ctx.batch_size, ctx.seed, keep_images=ctx.save_samples)
     files = []
     if ctx.save_samples and out["images"] is not None:
@@ -564,7 +671,7 @@ def shared_pass(ctx: EvalContext, requester: SampleMetric) -> dict[int, MetricRe
         values = out["values"][id(metric)]
         results[id(metric)] = MetricResult(values=values, provenance={"metric": metric.settings(), **common},
                                            files=files, rows=dict.fromkeys(values, measured_on),
-                                           notes=[caveat] if caveat else [])
+                                           notes=([caveat] if caveat else []) + metric.reader_notes())
         files = []  # list the saved samples once
     ctx.shared["sample_pass"] = results
     if isinstance(source, ModelSource):

@@ -36,6 +36,11 @@ from gencli.progress import batch_sizes
 log = logging.getLogger(__name__)
 
 
+def show_first(values: np.ndarray, count: int = 3) -> str:
+    shown = ", ".join(str(v) for v in values.ravel()[:count].tolist())
+    return shown + (", ..." if values.size > count else "")
+
+
 def quantise(images: Tensor) -> tuple[Tensor, np.ndarray]:
     """[-1, 1] float NCHW -> (the same images at uint8 levels as float NCHW, uint8 NHWC)."""
     u8 = to_uint8(images)
@@ -203,10 +208,47 @@ class FileSource(ImageSource):
         if array.ndim != 4 or array.shape[-1] not in (1, 3):
             raise ConfigError(f"{self.key}={self.path} holds an array of shape {array.shape}; expected N x H x W x C "
                               "(channels last, C = 1 or 3) or N x H x W.")
-        if labels is not None and (labels.ndim != 1 or labels.dtype.kind not in "iu" or len(labels) != len(array)):
-            raise ConfigError(f"{self.key}={self.path} holds 'labels' of shape {labels.shape} and type {labels.dtype} "
-                              f"beside {len(array)} images; expected one integer class per image (or no 'labels').")
+        if labels is not None:
+            self.check_label_array(labels, len(array))
         return array, labels
+
+    def check_label_array(self, labels: np.ndarray, images: int) -> None:
+        """The ``labels`` array of an .npz: one integer per image. Their range is checked by :meth:`check_labels` where
+        they are used and the classes are known (the class metrics of gencli eval)."""
+        fix = ("expected one integer class per image (class indices under 'labels', as 'gencli sample' of a "
+               "conditional checkpoint writes them), or no 'labels' array to evaluate without class metrics.")
+        where = f"{self.key}={self.path}"
+        if labels.ndim != 1:
+            raise ConfigError(f"{where} holds 'labels' of shape {labels.shape}, not a 1-d array of {images}; {fix}")
+        if labels.dtype.kind not in "iu":
+            raise ConfigError(f"{where} holds 'labels' of type {labels.dtype} (e.g. {show_first(labels)}), not "
+                              f"integers; {fix}")
+        if len(labels) != images:
+            raise ConfigError(f"{where} holds {len(labels)} labels beside {images} images; {fix}")
+
+    def check_labels(self, num_classes: int | None, whose: str, labels: np.ndarray | None = None) -> None:
+        """Refuse class labels outside ``0 .. num_classes - 1`` (``whose`` names where the classes come from), or
+        negative ones when the number of classes is not known: one paragraph naming the file, the first bad label,
+        its index and the valid range. A label no class has would count as a wrong answer (class accuracy) or a class
+        without real images (intra-FID), silently."""
+        labels = getattr(self, "labels", None) if labels is None else labels
+        if labels is None:
+            return
+        labels = np.asarray(labels)
+        bad = labels < 0 if num_classes is None else (labels < 0) | (labels >= int(num_classes))
+        if not bad.any():
+            return
+        index = int(np.argmax(bad))
+        count = int(bad.sum())
+        others = f" ({count - 1} more label(s) are out of range too)" if count > 1 else ""
+        valid = (f"0..{int(num_classes) - 1}, the {int(num_classes)} classes of {whose}" if num_classes is not None
+                 else "class indices 0, 1, 2, ... (never negative)")
+        what = "the real images' classes" if self.key == "ref" else "the class each image was generated as"
+        raise ConfigError(
+            f"{self.key}={self.path} holds the class label {labels[index].item()} at index {index} (image {index})"
+            f"{others}; its 'labels' array gives {what} and must hold {valid}. Fix or regenerate the file (gencli "
+            "sample of a conditional checkpoint writes valid labels), or remove its 'labels' array to evaluate "
+            "without class metrics.")
 
     def labels_for(self, start: int, count: int) -> Tensor | None:
         if self.labels is None:
