@@ -1,48 +1,61 @@
-"""Issue 14's GPU check: gencli against plain-PyTorch peers, back to back in one run on one device.
+"""Issues 14 and 24's GPU check: gencli against plain-PyTorch peers and the real CLI, in one run on one device.
 
-    python scripts/gpu_check.py --out $OUT                                   # on a lent GPU (docs/gpu_check.md)
-    python scripts/gpu_check.py --device cpu --tiny --out /tmp/gpu_check     # the same code end to end on a CPU
-    python scripts/gpu_check.py --out $OUT --parts c,d                       # rerun some parts only
+    bash scripts/gpu_check.sh $OUT --profile                                 # on a lent GPU (docs/gpu_check.md)
+    python scripts/gpu_check.py --device cpu --tiny --profile --out /tmp/g   # the same code end to end on a CPU
+    python scripts/gpu_check.py --out $OUT --parts c,f --budget 150          # rerun some parts only
 
-Parts (each one worker process with its own time budget; a part that fails or runs out of time records its
-error and whatever it measured, and the next part runs):
+Parts, run in the order of their value for issue 24 (a, e, b, c, f, d); each is one worker process with its own
+time budget, and a part that fails or runs out of time records its error and whatever it measured:
 
-(a) diffusion training, images/s after warm-up: gencli ``scripts/bench_diffusion.py``'s measurement (the real
-    ``model=ddpm model/net=unet_ddpm_cifar10`` config under a bare Lightning Trainer, random 32x32x3 images, batch
-    128, 10 warm-up + 100 timed steps) with ``hardware=gpu_fast`` and ``hardware=default``, against the diffusers
-    peer (``scripts/peers/peer_diffusers.py``, a copy of ``../shared/bench/peer_diffusers.py``) ``fast`` and
-    ``eager``; ratios gencli / peer; MFU = 3 x forward FLOPs per image (torch's FlopCounterMode, each net counted
-    itself) x images/s / ``--peak-tflops`` (790: the bf16 matrix rate measured on this workplace's H200s; an H100
-    SXM reaches about the same).
-(b) GAN training, real images/s: gencli (``scripts/bench_gan.py``'s path: the recipe composed as
-    ``experiment=dcgan_cifar10`` / ``wgan_gp_cifar10`` under a bare Lightning Trainer) against the plain loop of
-    ``scripts/peers/plain_gan.py`` on the same nets and settings; ``gpu_fast`` against ``fast`` and ``default``
-    against ``eager``. WGAN-GP's gradient penalty needs a double backward, which torch.compile cannot do: its fast
-    rows run without compile on both sides (``hardware.compile=false``, as the recipe says).
-(c) sampling: DDIM-50 on 256 images in one batch, s/image, ``hardware=gpu_fast`` against ``hardware=default``,
-    through the library-level sampler as bench_diffusion.py calls it (the paper UNet, freshly built, EMA weights),
-    with the profile applied as ``gencli sample``/``eval`` apply it (gencli.sampling_hardware: bf16 autocast,
-    channels-last and compile of the sampling net; where gencli has no such module, the training-side
-    ``HardwareSettings.apply``); warm-up at the same batch size, so compiling is not timed. The peer's DDIM-50
-    (bf16 eager, diffusers' scheduler) from part (a) is shown beside it.
-(d) the DDP wrapper's cost on one device: part (a)'s gencli training under ``hardware=gpu_fast`` with the
-    strategy of ``trainer=ddp`` (NCCL; on a CPU ``trainer=ddp_cpu``'s gloo) on 1 device against no strategy.
+(a) diffusion training, images/s after warm-up, and MFU: gencli ``scripts/bench_diffusion.py``'s measurement (the
+    real ``model=ddpm model/net=unet_ddpm_cifar10`` config under a bare Lightning Trainer, random 32x32x3 images,
+    batch 128, 10 warm-up + 100 timed steps) with ``hardware=gpu_fast`` against the diffusers peer's ``fast`` loop
+    (``scripts/peers/peer_diffusers.py``: bf16 + channels_last + compile). The two compile side by side (the peer in
+    a background process) and then take the GPU in turns for the rest of their warm-up, their timed steps and their
+    profile (``scripts/peers/gpu_turns.py``), so no timed step shares the GPU, while the two 1-2 minute compiles
+    overlap. Then the FLOPs (torch's FlopCounterMode; MFU = 3 x forward FLOPs x images/s / ``--peak-tflops``, 790:
+    the bf16 matrix rate measured on this workplace's H200s), then, while the part's time allows, the fp32 eager pair
+    (``hardware=default`` vs the peer's ``eager``).
+(e) the real CLI: ``gencli train experiment=ddpm_cifar10 trainer=gpu hardware=gpu_fast`` and ``experiment=
+    dcgan_cifar10`` for 220 batches on a CIFAR-10-shaped set of random bytes in the release's own format (the lent GPU
+    has no data sets; only speed is measured), images/s after 20 warm-up batches as the run itself measured them
+    (metrics.json's ``throughput``, gencli.callbacks.Throughput). Compared with part a's harness and part b's plain
+    loop. If the DCGAN run fails (issue 24's channels-last + compile crash), it is measured again with
+    ``hardware.channels_last=false``.
+(b) GAN training, real images/s: gencli (``scripts/bench_gan.py``'s path on ``experiment=dcgan_cifar10`` /
+    ``wgan_gp_cifar10``) against ``scripts/peers/plain_gan.py`` on the same nets and settings: ``gpu_fast`` vs
+    ``fast`` first, then ``default`` vs ``eager`` while time allows. WGAN-GP's fast rows run without compile on both
+    sides (the penalty's double backward).
+(c) sampling: DDIM-50 on 256 images in one batch, s/image, ``hardware=gpu_fast`` (then ``default`` while time
+    allows), the profile applied as ``gencli sample``/``eval`` apply it (gencli.sampling_hardware); warm-up at the same
+    batch size, so compiling is not timed. The peer's DDIM-50 (bf16 eager) from part a is shown beside it.
+(f) the real CLI: ``gencli eval`` of part e's DDPM checkpoint, FID in the domain feature space on 10,240 DDIM-50
+    samples (40 batches of 256: the shape part c compiled), ``hardware=gpu_fast``; s/image and the time split from the
+    run's metrics.json ``timing`` (generation, features, I/O, setup, metrics, other).
+(d) the DDP wrapper's cost on one device: part a's gencli training under ``trainer=ddp``'s strategy against none.
 
-Results: ``results.md`` (one Markdown table, the device and versions above it), ``results.json`` (every number,
-settings, per-measurement wall times and errors with tracebacks) and ``gpu_check.log`` (everything printed) under
-``--out``; both result files are rewritten after every part, so a run cut short still leaves what it measured.
+``--profile``: torch.profiler over 5 more steps after the timed ones of gencli's gpu_fast and the peer's fast run
+(part a): top kernels by GPU time, the GPU's idle share, kernels and launch calls per step (``scripts/peers/
+profsum.py``), in results.json, results.md and the log; on a CPU the same as CPU activity (top operators, aten ops
+per step).
 
-Time (``--budget``, default 480 s on a GPU: the device's 540 s call in docs/gpu_check.md less the wheels' install,
-start-up and a margin). Sized from issue 14's H100 run: the timed steps are short (110 diffusion steps at
-~1,600-2,000 images/s are 7-9 s; a GAN step is a few ms, 220 of them a second or two), so compiling dominates:
-torch.compile of the 35.7M UNet's forward and backward takes about a minute per net (gencli's and the peer's), the
-EMA net's forward for sampling 20-40 s, the DCGAN nets 10-30 s. Part caps (a 270, c 90, b 150, d 170 s, run in the
-order a, c, b, d, so the headline numbers come first) are caps: each part gets at most what is left of
-``--budget``. Expected: a ~200 s (two UNet compiles, two eager runs, ~10 s each of start-up), c ~40-60 s (one
-compile), b ~60-100 s (DCGAN compiled twice, though the second finds inductor's cache; six uncompiled runs), d ~60-120
-s (gencli's UNet compiled twice more, mostly from the inductor cache that part (a) left on disk); about 400 s in
-all. On a CPU (``--tiny``: the small ``unet_cpu`` net and its diffusers mirror, batch 8, 3 timed steps, DCGAN widths
-16 at batch 16, DDIM-50 on 4 images, no compile) the whole run takes about 2 minutes on 2 cores.
+Time (``--budget``, default 490 s on a GPU: the lead's 560 s ``run`` call less the wheels' install, the import check
+and a margin). Compiling dominates: issue 24 saw 100 s for gencli's UNet and 134 s for the peer's on the H200's host,
+while 110 diffusion steps take 7 s. So: (1) every worker and every process it starts share one inductor cache
+(FX graph + AOTAutograd + Triton, under ``--work``): a graph compiled in one part is loaded in the next (gencli's
+training UNet in a, e, d; the sampling UNet in c, f; the DCGAN nets in e, b); (2) part a compiles its two UNets at
+once; (3) each part gets at most its cap and what is left after the later parts' reserves (``PART_BUDGET``,
+``plan_budget``); a measurement that no longer fits in its part is skipped and recorded (``NEED``), and so is a part.
+Expected on the H200, cold cache: a ~170-200 s, e ~100 s, b ~80 s, c ~50 s, f ~50-80 s, d on what is left. On a CPU
+(``--tiny``: the small ``unet_cpu`` net and its diffusers mirror, batch 8, 3 timed steps, DCGAN widths 16, DDIM-50
+on 4 images, the CLI for 6 batches, eval of 64 DDIM-10 samples, no compile) the whole run takes about 5 minutes on
+2 cores. ``--fake-compile-s`` makes every compiling measurement sleep first (tests of the budget logic).
+
+Results: ``results.md`` (the table, the profile table, the device and versions above them, part timings below),
+``results.json`` (every number, settings, wall times, errors with tracebacks) and ``gpu_check.log`` under ``--out``;
+both result files are rewritten after every part. Everything else (the random data, the CLI runs' folders and
+checkpoints, the compile cache) goes under ``--work`` (default: a fresh folder in the temporary directory, removed at
+the end), so a lent GPU's $OUT brings back just those three files.
 """
 
 from __future__ import annotations
@@ -456,7 +469,8 @@ def cli_train(args, s: dict, exp: str, extra: list[str], name: str, hardware: st
     run_dir, output = cli(args, "train", overrides, RECORDER.left())
     report = json.loads((run_dir / "metrics.json").read_text())
     tp = report.get("throughput") or {}
-    line = next((ln.strip() for ln in output.splitlines()[::-1] if "training throughput:" in ln), None)
+    line = next((ln[ln.index("training throughput:"):].strip() for ln in output.splitlines()[::-1]
+                 if "training throughput:" in ln), None)
     if report.get("status") != "completed" or not tp.get("images_per_s"):
         raise RuntimeError(f"the run's metrics.json says status {report.get('status')!r}, throughput {tp}: "
                            f"{report.get('reason') or output[-800:]}")
@@ -569,7 +583,7 @@ def collect_meta(args) -> dict:
             "compile": args.compile, "torch": torch.__version__, "lightning": lightning.__version__,
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "python": platform.python_version(), "host_cpus": os.cpu_count(), "gencli_commit": git_commit(),
-            "peak_tflops": args.peak_tflops, "budget_s": args.budget, "parts": args.parts,
+            "peak_tflops": args.peak_tflops, "budget_s": args.budget, "parts": args.parts, "profile": args.profile,
             "gencli_overrides": args.override,
             **{k: version(k) for k in ("diffusers", "hydra-core", "omegaconf", "torchmetrics", "triton")}}
     if args.device == "cuda":
@@ -689,6 +703,9 @@ def markdown(report: dict) -> str:
                                      ("eager", "peer_eager", "`hardware=default` vs peer `eager`")):
             g, p = a.get(f"gencli_{setting}"), a.get(peer)
             notes = errors(("", g), ("peer ", p))
+            if setting == "fast" and (get(g, "wait_timed_out") or get(p, "wait_timed_out")):
+                notes.append("a side stopped waiting for the other's compile: its timed steps may have shared the "
+                             "host's CPUs with that compile")
             mfu_g, mfu_p = d.get(f"a_mfu_gencli_{setting}"), d.get(f"a_mfu_peer_{setting}")
             if finite(mfu_g) or finite(mfu_p):
                 notes.append(f"MFU gencli {fmt(100 * mfu_g if finite(mfu_g) else None, '.1f')}% "
@@ -762,6 +779,8 @@ def markdown(report: dict) -> str:
                 notes.append(f"{d['e_ratio_ddpm_cli_vs_peer']:.2f} of the peer's fast loop")
             if get(r, "optimizer_steps_per_s"):
                 notes.append(f"{r['optimizer_steps_per_s']:.1f} optimiser steps/s")
+            if get(r, "compile") and not isinstance(r["compile"], bool):
+                notes.append(f"metrics.json compile: {str(r['compile'])[:120]}")
             tp = get(r, "throughput") or {}
             if tp.get("timed_batches"):
                 notes.append(f"batches {tp['warmup_batches'] + 1}-{tp['warmup_batches'] + tp['timed_batches']}, from "
@@ -809,7 +828,10 @@ def markdown(report: dict) -> str:
     for p in ran:
         info = parts.get(p)
         if info:
-            walls = ", ".join(f"{k} {v.get('wall_s', 0):.0f} s" for k, v in info.get("results", {}).items())
+            walls = ", ".join(f"{k} {v.get('process_wall_s', v.get('wall_s', 0)):.0f} s"
+                              + (" (skipped)" if v.get("skipped") else "")
+                              + (" (alongside)" if k == "peer_fast" and "process_wall_s" in v else "")
+                              for k, v in info.get("results", {}).items())
             lines.append(f"- part {p} ({PART_NAMES[p]}): {info['status']} in {info['seconds']:.0f} s of "
                          f"{info['budget_s']:.0f} s{': ' + walls if walls else ''}"
                          f"{'; ' + info['error'] if info.get('error') else ''}")
@@ -930,12 +952,11 @@ def main(argv: list[str] | None = None) -> int:
         args.budget = 490.0 if args.device == "cuda" else 600.0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if args.work is None:
-        import shutil
+    own_work = args.work is None
+    if own_work:
         import tempfile
 
         args.work = str(Path(tempfile.gettempdir()) / f"gpu_check_work_{os.getpid()}")
-        shutil.rmtree(args.work, ignore_errors=True)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     log_file = (out / "gpu_check.log").open("a")
     lock = threading.Lock()
@@ -979,6 +1000,10 @@ def main(argv: list[str] | None = None) -> int:
     log("")
     log((out / "results.md").read_text())
     log_file.close()
+    if own_work:  # the CLI runs' checkpoints, the random data set, the compile cache
+        import shutil
+
+        shutil.rmtree(args.work, ignore_errors=True)
     return 0 if all(v["status"] == "ok" for v in report["parts"].values()) else 1
 
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a lent GPU machine: install the wheels carried in .whl/ (made here by scripts/gpu_wheels.sh) the way
 # /work/.library/device/README.md says, check the imports, then run scripts/gpu_check.py with its results under OUT_DIR.
-#   bash scripts/gpu_check.sh OUT_DIR [gpu_check.py options]       e.g. bash scripts/gpu_check.sh $OUT --parts c,d
+#   bash scripts/gpu_check.sh OUT_DIR [gpu_check.py options]       e.g. bash scripts/gpu_check.sh $OUT --profile
+#   (all parts a-f, 490 s budget: run it with timeout_s 560), or   bash scripts/gpu_check.sh $OUT --parts c --budget 100
 # PYTHON picks the interpreter (default python3: the one that holds torch there). docs/gpu_check.md has the whole call.
 set -uo pipefail
 cd "$(dirname "$0")/.."

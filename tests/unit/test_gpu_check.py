@@ -31,18 +31,48 @@ def finite(x) -> bool:
 
 @pytest.mark.slow
 def test_tiny_cpu_run_writes_the_table_and_json(tmp_path):
-    """Parts c (sampling) and b (GANs: gencli's bench_gan path against peers/plain_gan.py), each in its worker."""
+    """Every part (a-f, in the default order) and --profile, each part in its worker, within the budget logic: the
+    peer beside gencli taking turns (a), the real gencli train / eval on a random CIFAR-10 (e, f), the GAN and
+    sampling measurements (b, c), the DDP wrapper (d), and a profile of gencli's and the peer's steps."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--parts", "c,b", "--out",
-                           str(tmp_path)], capture_output=True, text=True, timeout=400, env=env, cwd=ROOT)
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--tiny", "--profile", "--out",
+                           str(tmp_path), "--work", str(tmp_path / "work")], capture_output=True, text=True,
+                          timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((tmp_path / "results.json").read_text())
     meta = report["meta"]
     for key in ("device", "torch", "lightning", "python", "gencli_commit", "sizes", "date"):
         assert meta.get(key), key
-    assert meta["tiny"] is True and meta["device_kind"] == "cpu" and meta["parts"] == ["c", "b"]
-    assert set(report["parts"]) == {"c", "b"}
+    assert meta["tiny"] is True and meta["device_kind"] == "cpu" and meta["parts"] == list("aebcfd")
     assert all(p["status"] == "ok" for p in report["parts"].values()), report["parts"]
+    assert sum(p["seconds"] for p in report["parts"].values()) <= meta["budget_s"]
+    derived = report["derived"]
+
+    a = report["parts"]["a"]["results"]
+    for key in ("gencli_fast", "peer_fast", "gencli_eager", "peer_eager"):
+        assert finite(a[key]["images_per_s"]), key
+    assert a["gencli_fast"]["timed_steps"] == a["peer_fast"]["steps"] == 3
+    for key in ("gencli_fast", "peer_fast"):  # compiled side by side, then the GPU in turns; profiled after timing
+        assert a[key]["waited_ready_s"] >= 0 and a[key]["wait_timed_out"] is False, a[key]
+        prof = a[key]["profile"]
+        assert prof["steps"] == 2 and prof["aten_ops_per_step"] > 100 and prof["gpu_idle_share"] is None
+        assert prof["top"][0]["ms_per_step"] > 0 and prof["top"][0]["name"]
+    assert finite(derived["a_ratio_fast"]) and finite(derived["a_ratio_eager"])
+
+    e = report["parts"]["e"]["results"]
+    for key, batch in (("ddpm_cli", 8), ("dcgan_cli", 16)):
+        tp = e[key]["throughput"]  # the run's own metrics.json
+        assert finite(e[key]["images_per_s"]) and e[key]["images_per_s"] == tp["images_per_s"]
+        assert tp["warmup_batches"] == 2 and tp["timed_batches"] == 4 and e[key]["batch"] == batch
+        assert e[key]["log_line"].startswith("training throughput:")
+        assert "hardware=gpu_fast" in e[key]["command"]
+    assert e["dcgan_cli"]["throughput"]["optimizer_steps"] == 8  # a D and a G step per batch
+    assert finite(derived["e_ratio_ddpm_cli_vs_harness"]) and finite(derived["e_ratio_dcgan_cli_vs_plain_fast"])
+
+    f = report["parts"]["f"]["results"]["eval"]
+    assert f["n"] == 64 and f["timing"]["images_generated"] == 64 and finite(f["s_per_image"])
+    assert {"generation", "features", "io", "other"} <= set(f["timing"]["shares"])
+    assert f["line"].startswith("time:") and "fid_domain" in f["metrics"]
 
     c = report["parts"]["c"]["results"]
     for setting in ("gencli_fast", "gencli_default"):
@@ -54,14 +84,17 @@ def test_tiny_cpu_run_writes_the_table_and_json(tmp_path):
             gencli, plain = b[f"{exp}_gencli_{setting}"], b[f"{exp}_plain_{setting}"]
             assert finite(gencli["images_per_s"]) and finite(plain["images_per_s"])
             assert gencli["batch"] == plain["batch"] == 16 and gencli["n_critic"] == plain["n_critic"]
-            assert finite(report["derived"][f"b_ratio_{exp}_{setting}"])
+            assert finite(derived[f"b_ratio_{exp}_{setting}"])
     assert b["wgan_gp_cifar10_plain_fast"]["n_critic"] == 5
-    assert finite(report["derived"]["c_speedup_fast_vs_default"])
+    assert finite(derived["c_speedup_fast_vs_default"]) and finite(derived["d_ratio_ddp_vs_none"])
 
     table = (tmp_path / "results.md").read_text()
-    assert "| part | measurement |" in table and "| c | DDIM-50 sampling" in table
-    assert table.count("| b | `") == 4 and "| a |" not in table
+    assert "| part | measurement |" in table and "| c | DDIM-50 sampling" in table and "error:" not in table
+    assert table.count("| a |") == 2 and table.count("| b | `") == 4 and table.count("| e |") == 2
+    assert table.count("| f |") == 1 and table.count("| d |") == 1
+    assert "| gencli gpu_fast |" in table and "| peer fast |" in table and "n/a (CPU)" in table
     assert (tmp_path / "gpu_check.log").read_text().count("[gpu_check]") > 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpu_check.log", "results.json", "results.md", "work"]
 
 
 def test_ratios_mfu_and_table_from_partial_results():
@@ -168,9 +201,10 @@ def test_the_timed_window_starts_after_the_wait_for_the_gpu():
     try:
         import lightning as L
         import torch
+        from torch.utils.data import DataLoader, TensorDataset
+
         from bench_diffusion import WindowClock
         from benchlib import bench_trainer
-        from torch.utils.data import DataLoader, TensorDataset
     finally:
         sys.path.remove(str(ROOT / "scripts"))
         sys.path.remove(str(ROOT / "scripts" / "peers"))
