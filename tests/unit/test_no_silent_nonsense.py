@@ -109,3 +109,35 @@ def test_the_command_line_refuses_values_that_meant_something_else(tmp_path, ver
     assert code == 2, err
     assert says in paragraph(err)
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.ckpt"))
+
+
+def test_the_classes_labels_are_checked_against_come_from_classifier_checkpoint_and_data(tmp_path):
+    """Whatever knows the classes bounds the labels: the domain classifier, a conditional checkpoint, data=; ref= files'
+    labels are checked too (intra-FID compares classes), and with nothing known a negative label is still refused."""
+    from types import SimpleNamespace
+
+    from gencli.metrics.sample_metrics import check_file_labels, label_classes
+
+    class Extractor:
+        name = "domain"
+
+        def num_classes(self):
+            return 4
+
+    ctx = SimpleNamespace(model=SimpleNamespace(conditional=True, num_classes=6), ckpt="c.ckpt",
+                          datamodule=SimpleNamespace(name="digits", classes=lambda: list("0123456789")))
+    assert label_classes(ctx, Extractor()) == [(4, "the domain classifier (features=domain)"), (6, "ckpt=c.ckpt"),
+                                               (10, "data=digits")]
+    np.savez(tmp_path / "s.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 2, 3]))
+    np.savez(tmp_path / "r.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.array([0, 1, 5, 3]))
+    samples, ref = FileSource(str(tmp_path / "s.npz"), (1, 8, 8)), FileSource(str(tmp_path / "r.npz"), (1, 8, 8),
+                                                                                key="ref")
+    real = SimpleNamespace(source=ref)
+    check_file_labels(ctx, real, samples)  # 5 < 6 and < 10: fine for the checkpoint and the data
+    with pytest.raises(ConfigError, match=r"ref=.*r.npz holds the class label 5 at index 2 .*the real images' classes "
+                                          r"and must hold 0..3, the 4 classes of the domain classifier"):
+        check_file_labels(ctx, real, samples, Extractor())
+    nothing = SimpleNamespace(model=None, ckpt=None, datamodule=None)
+    samples.labels = np.array([0, -3, 1, 1])
+    with pytest.raises(ConfigError, match=r"class label -3 at index 1 .*never negative"):
+        check_file_labels(nothing, SimpleNamespace(), samples)
