@@ -66,19 +66,16 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
     def _configure_trials(self, trials, search_space_distributions, fixed_params):
         # gencli: a new trial is a fresh one, or a WAITING trial the study file queued: that one must not bring
         # parameters of its own, and every value drawn must lie inside the search space (see check_params)
-        where = self.study_file()
+        # (the sweep checked the stored queue before it started; this catches what was queued since, from elsewhere)
+        where, stop = self.study_file(), "so the sweep stops before that trial's job starts"
         for trial in trials:
-            carried = trial.params
-            if carried:
-                name = next(iter(carried))
-                raise ConfigError(refusal(where, trial.number, f"is a queued trial that already carries the parameter "
-                                          f"{show(name)} before gencli drew any", search_space_distributions))
+            check_queued(trial.number, trial.params, search_space_distributions, where, stop)
         overrides = super()._configure_trials(trials, search_space_distributions, fixed_params)
         for trial in trials:
             space = dict(search_space_distributions)
             if self.custom_search_space_extender:  # the config's own code suggested these, in this process
                 space.update({name: dist for name, dist in trial.distributions.items() if name not in space})
-            check_params(trial.number, trial.params, space, fixed_params, where)
+            check_params(trial.number, trial.params, space, fixed_params, where, stop)
         # gencli: every job knows its trial, so its OptunaPruning callback can report to it
         return [(*items, f"sweep.trial={trial.number}") for items, trial in zip(overrides, trials)]
 
@@ -129,6 +126,9 @@ class ResumableOptunaSweeperImpl(OptunaSweeperImpl):
         stale = [t for t in stored if t.state == TrialState.RUNNING]
         resumed = [(t, self.trial_overrides(t, search_space_distributions, fixed_params, self.study_file(),
                                             len(stored))) for t in stale]
+        for trial in stored:  # what study.ask() will hand out next must not bring parameters of its own either
+            if trial.state == TrialState.WAITING:
+                check_queued(trial.number, trial.params, search_space_distributions, self.study_file())
         log.info("Study %s in %s: %d trial(s) stored (%d left running by a killed sweep), %d more to run",
                  study.study_name, self.study_file(), len(stored), len(stale), max(0, self.n_trials - len(stored)))
         for trial, trial_overrides in resumed:
@@ -228,20 +228,21 @@ def job_record(ret: Any) -> dict | None:
 
 # ----------------------------------------------------------------------------- a stored trial is data
 def check_params(number: Any, params: dict[str, Any], space: dict[str, BaseDistribution],
-                 fixed_params: dict[str, Any], where: str) -> None:
+                 fixed_params: dict[str, Any], where: str, stop: str = "") -> None:
     """A ConfigError, one paragraph, unless ``params`` (a trial's, as the study file stores them) name exactly the
     parameters of ``space`` (those the command line fixed may be there too: the command line's value wins) and each
     value lies inside its distribution."""
     for name in params:
         if name not in space and name not in fixed_params:
             raise ConfigError(refusal(where, number, f"has the parameter {show(name)}, which the search space does not "
-                                      "declare", space))
+                                      "declare", space, stop))
     for name, distribution in space.items():
         if name not in params:
-            raise ConfigError(refusal(where, number, f"lacks the parameter {show(name)} of the search space", space))
+            raise ConfigError(refusal(where, number, f"lacks the parameter {show(name)} of the search space", space,
+                                      stop))
         problem = value_problem(params[name], distribution)
         if problem:
-            raise ConfigError(refusal(where, number, f"has {name}={show(params[name])}, which {problem}", space))
+            raise ConfigError(refusal(where, number, f"has {name}={show(params[name])}, which {problem}", space, stop))
 
 
 def value_problem(value: Any, distribution: BaseDistribution) -> str | None:
@@ -275,12 +276,23 @@ def value_problem(value: Any, distribution: BaseDistribution) -> str | None:
     return None
 
 
-def refusal(where: str, number: Any, what: str, space: dict[str, BaseDistribution]) -> str:
+def check_queued(number: Any, params: dict[str, Any], space: dict[str, BaseDistribution], where: str,
+                 stop: str = "") -> None:
+    """A queued (WAITING) trial is what ``study.ask()`` hands out next, and any parameter stored on it would reach the
+    job's command line beside those drawn: a ConfigError if it carries any (Optuna's own queue, ``enqueue_trial``,
+    keeps its values elsewhere, checked against the distributions when they are drawn)."""
+    if params:
+        raise ConfigError(refusal(where, number, f"is a queued trial that already carries the parameter "
+                                  f"{show(next(iter(params)))} before any is drawn", space, stop))
+
+
+def refusal(where: str, number: Any, what: str, space: dict[str, BaseDistribution], stop: str = "") -> str:
     names = ", ".join(space) or "none"
     return (f"{where}: trial {show(number)} {what}. gencli runs a stored trial only with the parameters the search "
-            f"declares ({names}), each inside its range, as each becomes name=value on the job's command line; so "
-            "this study is not resumed and no job was started. Start a fresh study (hydra.sweeper.study_name=NEW, or "
-            "another hydra.sweep.dir), or delete the study file to start this one over.")
+            f"declares ({names}), each inside its range, as each becomes name=value on the job's command line; "
+            f"{stop or 'so this study is not resumed and no job was started'}. Start a fresh study "
+            "(hydra.sweeper.study_name=NEW, or another hydra.sweep.dir), or delete the study file to start this one "
+            "over.")
 
 
 def describe_storage(storage: Any, study_name: Any) -> str:

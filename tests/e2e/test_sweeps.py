@@ -163,6 +163,14 @@ def test_a_crafted_study_file_is_refused_before_any_job_and_a_sound_one_resumes(
     assert f"{sweep}/optuna.db" in result.stderr
     assert sorted(p.name for p in sweep.iterdir()) == ["optuna.db"] and not log.exists()  # no job ran
 
+    queued = tmp_path / "queued"  # the same parameter on a WAITING trial, which study.ask() would hand out next
+    queued.mkdir()
+    crafted(queued / "optuna.db", {"hydra.job_logging.handlers.file.filename": str(log)}, state="waiting")
+    result = run(tmp_path, "hparams_search=ae_optuna", *TINY[1:], "hydra.sweeper.n_trials=1", f"hydra.sweep.dir={queued}")
+    assert result.returncode == 2, describe(result)
+    assert "is a queued trial that already carries the parameter 'hydra.job_logging" in result.stderr
+    assert "no job was started" in result.stderr and not log.exists()
+
     sound = tmp_path / "sound"
     sound.mkdir()
     crafted(sound / "optuna.db", GOOD)
