@@ -146,6 +146,7 @@ def test_an_optuna_study_killed_after_one_trial_resumes_and_ends_with_three_tria
     assert min(t.value for t in trials) == pytest.approx(float(summary(sweep)[0]["value"]))
 
 
+@pytest.mark.filterwarnings("ignore::optuna.exceptions.ExperimentalWarning")  # enqueue_trial, in optuna 2.x
 def test_a_crafted_study_file_is_refused_before_any_job_and_a_sound_one_resumes(tmp_path):
     """optuna.db from a stranger: a RUNNING trial whose parameter is not the search's would become an override of
     the job (here: where Hydra writes the job's log). One paragraph, exit 2, no job; a sound trial resumes."""
