@@ -25,6 +25,8 @@ import pytest
 import torch
 from hydra.core.global_hydra import GlobalHydra
 
+from conftest import describe
+from conftest import gencli as gencli_process
 from gencli.callbacks.checkpoint import ModelCheckpoint, checkpoint_naming
 from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.checkpoints import WRITTEN_RECORD, CheckpointFolder, save_failure
@@ -377,19 +379,20 @@ def test_a_crafted_resume_checkpoint_deletes_nothing_outside_the_run(tmp_path, m
 
 @pytest.mark.slow
 def test_a_resumed_run_still_replaces_its_own_best_checkpoint(tmp_path, monkeypatch):
-    """The legitimate rotation: resume=auto continues the run, and its new best replaces the old best file."""
-    monkeypatch.chdir(tmp_path)
+    """The legitimate rotation: resume=auto continues the run, and its new best replaces the old best file.
+
+    Two processes of the real CLI (a gencli train holds its run folder's lock until its process ends)."""
     monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
     # the step always improves, so every epoch makes a new best (the val loss need not)
     common = [*TRAIN, "run_name=own", "callbacks.checkpoint.monitor=step", "callbacks.checkpoint.mode=max"]
-    code, err = gencli([*common, "trainer.max_epochs=1"])
-    assert code == 0, err[-3000:]
+    result = gencli_process(*common, "trainer.max_epochs=1", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
     folder = tmp_path / "outputs" / "train" / "runs" / "own" / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-000-000025.ckpt", "last.ckpt"]
-    code, err = gencli([*common, "trainer.max_epochs=2", "resume=auto"])
-    assert code == 0, err[-3000:]
+    result = gencli_process(*common, "trainer.max_epochs=2", "resume=auto", cwd=tmp_path)
+    assert result.returncode == 0, describe(result)
     assert sorted(p.name for p in folder.glob("*.ckpt")) == ["best-001-000050.ckpt", "last.ckpt"]
     assert json.loads((folder / WRITTEN_RECORD).read_text())["written"] == ["best-001-000050.ckpt", "last.ckpt"]
     state = checkpoint_state(torch.load(folder / "last.ckpt", weights_only=True))
     assert list(state["best_k_models"]) == [str(folder.resolve() / "best-001-000050.ckpt")]
-    assert "in place instead of removing" not in (folder.parent / "train.log").read_text()
+    assert "in place instead of removing" not in result.stdout + result.stderr
