@@ -3,18 +3,33 @@
 Inside gencli images are float tensors in [-1, 1], NCHW; they become uint8 NHWC only here.
 Every file a job writes goes through :func:`atomic_write` (temp file + rename), so an interrupted
 run never leaves a half-written PNG, npz, JSON or CSV that looks complete.
+
+Temporary names carry their writer (:func:`temp_name`: ``.<name>.<pid>@<host>.<random>.tmp``), so that what a
+killed process left behind can be told from what a live one is writing. An unfinished output is dropped with
+:func:`discard`: renamed at once to ``.trash.<pid>@<host>.<random>.<name>`` (nothing at its old name looks like
+output any more), deleted on the spot when that is quick, else by a background process, so a stopped run exits in
+well under a second even with ~100k PNGs to delete. :func:`clean_leftovers` (run by every job on its output
+folder) removes temp files of processes that no longer exist, and trash.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
+import logging
 import math
 import os
-import shutil
+import re
+import secrets
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import zipfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +44,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
     """Open a temp file beside ``path``; rename it over ``path`` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=temp_prefix(path.name), suffix=TEMP_SUFFIX)
     try:
         # mkstemp makes the file private (0600); give it the mode any other new file would get.
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -37,8 +52,7 @@ def atomic_write(path: str | os.PathLike, mode: str = "wb") -> Iterator[Any]:
             yield f
         os.replace(tmp, path)
     except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
+        discard(tmp, path)
         raise
 
 
@@ -49,6 +63,220 @@ def _read_umask() -> int:
 
 
 _UMASK = _read_umask()
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- temp files, trash, leftovers
+TEMP_SUFFIX = ".tmp"
+TRASH_PREFIX = ".trash."
+#: This machine, as it appears in temp names: the first 6 hex digits of the SHA-1 of its host name (a pid means
+#: something only on the machine that owns it; run folders may be on a file system shared by several).
+HOST_TAG = hashlib.sha1(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:6]
+_OWNER = r"(?P<pid>\d+)@(?P<host>[0-9a-f]{6})"
+_TEMP = re.compile(rf"^\.(?P<name>.+)\.{_OWNER}\.[A-Za-z0-9_]+{re.escape(TEMP_SUFFIX)}$")
+_TRASH = re.compile(rf"^{re.escape(TRASH_PREFIX)}{_OWNER}\.[0-9a-f]+\.(?P<name>.+)$")
+#: Temp names of gencli versions before the writer was part of the name: ``.<name>.<8 random>.tmp``.
+_LEGACY_TEMP = re.compile(rf"^\.(?P<name>.+)\.[a-z0-9_]{{8}}{re.escape(TEMP_SUFFIX)}$")
+#: A temp file whose owner cannot be checked (an older gencli's, another machine's) counts as abandoned only once
+#: nothing has touched it for this long (a folder being written to changes its mtime with every file).
+UNOWNED_AFTER_S = 24 * 3600.0
+#: How long :func:`discard` deletes in the foreground before it hands the rest to a background process.
+DISCARD_BUDGET_S = 0.25
+
+
+def owner_tag(pid: int | None = None) -> str:
+    """``<pid>@<host tag>``: who writes a temp file (this process by default)."""
+    return f"{os.getpid() if pid is None else int(pid)}@{HOST_TAG}"
+
+
+def temp_prefix(name: str) -> str:
+    """The start of a temp name beside ``name`` (mkstemp/mkdtemp add a random part and :data:`TEMP_SUFFIX`)."""
+    return f".{name}.{owner_tag()}."
+
+
+def temp_name(name: str) -> str:
+    """A fresh temp name beside ``name``, owned by this process: ``.<name>.<pid>@<host>.<random>.tmp``."""
+    return f"{temp_prefix(name)}{secrets.token_hex(4)}{TEMP_SUFFIX}"
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (one we may not signal exists too)."""
+    if pid == os.getpid():
+        return True
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # cannot tell: keep its files
+    return True
+
+
+@dataclass
+class Discarded:
+    """An unfinished output that was dropped: where it would have gone, how far it got, and the trash still
+    being deleted in the background (None: already gone)."""
+
+    target: Path
+    written: int | None = None
+    total: int | None = None
+    pending: Path | None = None
+
+
+#: What :func:`discard` dropped in this process, oldest first (read by the jobs' stop message; see
+#: :func:`gencli.jobs.common.run_job`).
+DISCARDED: list[Discarded] = []
+_DELETERS: list[subprocess.Popen] = []
+
+
+def discard(path: str | os.PathLike, target: str | os.PathLike | None = None, written: int | None = None,
+            total: int | None = None, budget: float = DISCARD_BUDGET_S, unfinished: bool = True) -> Discarded | None:
+    """Remove the unfinished output at ``path`` (a temp file or folder) quickly, whatever its size.
+
+    A file is unlinked. A folder is first renamed to a trash name in the same folder (atomic, instant), then
+    deleted for up to ``budget`` seconds; what is left is deleted by a detached background process, and if
+    that is cut short too, by the next gencli run in this folder (:func:`clean_leftovers`). ``target`` (the name
+    the output would have had), ``written`` and ``total`` are recorded in :data:`DISCARDED` for the stop message
+    (``unfinished=False``: not recorded, e.g. a complete output being replaced by a newer one).
+    """
+    path = Path(path)
+    record = Discarded(Path(target) if target is not None else path, written, total)
+    if not (path.exists() or path.is_symlink()):
+        return None
+    if path.is_symlink() or not path.is_dir():
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        if unfinished:
+            DISCARDED.append(record)
+        return record
+    name = Path(target).name if target is not None else path.name.lstrip(".")
+    trash = path.with_name(f"{TRASH_PREFIX}{owner_tag()}.{secrets.token_hex(4)}.{name}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path  # (e.g. a read-only parent: deleting will fail too, and the message says what is left)
+    if not remove_tree(trash, time.monotonic() + budget):
+        record.pending = trash if _delete_in_background(trash) or trash.exists() else None
+    if unfinished:
+        DISCARDED.append(record)
+    return record
+
+
+def remove_tree(path: str | os.PathLike, deadline: float | None = None) -> bool:
+    """Delete ``path`` (a folder tree; symlinks are removed, never followed); False if ``deadline``
+    (``time.monotonic()``) passed first, leaving the rest in place."""
+    path = Path(path)
+    folders, stack = [], [str(path)]
+    checked = 0
+    while stack:
+        folder = stack.pop()
+        folders.append(folder)
+        try:
+            entries = os.scandir(folder)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return False
+        with entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append(entry.path)
+                    else:
+                        os.unlink(entry.path)
+                except FileNotFoundError:
+                    pass
+                except OSError:
+                    return False
+                checked += 1
+                if deadline is not None and checked % 32 == 0 and time.monotonic() > deadline:
+                    return False
+    for folder in reversed(folders):
+        with contextlib.suppress(FileNotFoundError):
+            try:
+                os.rmdir(folder)
+            except OSError:
+                return False
+    return True
+
+
+_DELETER = "import shutil, sys; shutil.rmtree(sys.argv[1], ignore_errors=True)"
+
+
+def _delete_in_background(path: Path) -> bool:
+    """Start a detached process that deletes ``path`` (it outlives this one, and a Ctrl+C at the terminal does
+    not reach it); False if it could not be started."""
+    try:
+        _DELETERS.append(subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", _DELETER, str(path)], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, close_fds=True, start_new_session=True))
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def leftover_owner(name: str) -> tuple[str, int | None, str | None] | None:
+    """``(kind, pid, host tag)`` of a gencli temp or trash name (kind ``temp``, ``trash`` or ``legacy``: an older
+    gencli's temp name, owner unknown), or None for any other name."""
+    for kind, pattern in (("trash", _TRASH), ("temp", _TEMP)):
+        match = pattern.match(name)
+        if match:
+            return kind, int(match["pid"]), match["host"]
+    return ("legacy", None, None) if _LEGACY_TEMP.match(name) else None
+
+
+def abandoned(path: Path, now: float | None = None) -> bool:
+    """Whether the gencli temp or trash entry ``path`` belongs to nobody any more: trash always (nobody needs it;
+    its owner may be deleting it: then both delete); a temp name of this machine when its process is gone; a
+    temp name of another machine or of an older gencli when nothing touched it for :data:`UNOWNED_AFTER_S`."""
+    owner = leftover_owner(path.name)
+    if owner is None:
+        return False
+    kind, pid, host = owner
+    if kind == "trash":
+        return not (host == HOST_TAG and pid is not None and process_alive(pid))
+    if kind == "temp" and host == HOST_TAG:
+        return not process_alive(pid)
+    try:
+        age = (time.time() if now is None else now) - path.lstat().st_mtime
+    except OSError:
+        return False
+    return age > UNOWNED_AFTER_S
+
+
+def clean_leftovers(*folders: str | os.PathLike, legacy: bool = True) -> list[Path]:
+    """Remove, from the top level of each of ``folders``, the temp files and folders of gencli processes that no
+    longer exist, and trash (:func:`abandoned`); a live process's temp files are never touched. ``legacy=False``
+    leaves the temp names of older gencli versions alone (a folder that is not gencli's own, such as export's
+    ``out=``: a name like ``.notes.a1b2c3d4.tmp`` there may be anyone's). Returns what was removed (logged as one
+    warning)."""
+    removed: list[Path] = []
+    for folder in folders:
+        try:
+            entries = [Path(entry.path) for entry in os.scandir(folder) if entry.name.startswith(".")]
+        except OSError:
+            continue
+        for entry in entries:
+            if not abandoned(entry) or (not legacy and leftover_owner(entry.name)[0] == "legacy"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                if remove_tree(entry) or not entry.exists():
+                    removed.append(entry)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    try:
+                        entry.unlink()
+                    except OSError:
+                        continue
+                removed.append(entry)
+    if removed:
+        log.warning("removed %d unfinished output(s) left by stopped or killed runs: %s", len(removed),
+                    ", ".join(str(p) for p in removed[:5]) + (", ..." if len(removed) > 5 else ""))
+    return removed
 
 
 #: Why a value in a gencli JSON file is null where a number was expected (written beside the list of such keys).
@@ -190,7 +418,8 @@ class NpzImageWriter(_CompleteOrNothing):
         #: small arrays written beside the images at close (the class labels of a conditional model's samples)
         self.extra: dict[str, np.ndarray] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        fd, self._tmp = tempfile.mkstemp(dir=self.path.parent, prefix=temp_prefix(self.path.name),
+                                         suffix=TEMP_SUFFIX)
         self._file = self._zip = self._entry = None
         try:
             os.chmod(self._tmp, 0o666 & ~_UMASK)
@@ -236,8 +465,9 @@ class NpzImageWriter(_CompleteOrNothing):
             with contextlib.suppress(Exception):
                 if part is not None:
                     part.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._tmp)
+        if self._tmp is not None:
+            discard(self._tmp, self.path, self.written, self.shape[0])
+            self._tmp = None
 
 
 
@@ -262,7 +492,8 @@ class PngFolderWriter(_CompleteOrNothing):
         #: small arrays written beside the images at close (the class labels of a conditional model's samples)
         self.extra: dict[str, np.ndarray] = {}
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp"))
+        self._tmp = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=temp_prefix(self.path.name),
+                                          suffix=TEMP_SUFFIX))
         os.chmod(self._tmp, 0o777 & ~_UMASK)
 
     def write(self, images: np.ndarray) -> None:
@@ -280,7 +511,8 @@ class PngFolderWriter(_CompleteOrNothing):
         old = None
         try:
             if self.path.exists() or self.path.is_symlink():  # a directory cannot be renamed over a non-empty one
-                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=f".{self.path.name}.old.", suffix=".tmp"))
+                old = Path(tempfile.mkdtemp(dir=self.path.parent, prefix=temp_prefix(f"{self.path.name}.old"),
+                                            suffix=TEMP_SUFFIX))
                 os.replace(self.path, old / self.path.name)
             os.replace(self._tmp, self.path)
         except BaseException:
@@ -290,12 +522,14 @@ class PngFolderWriter(_CompleteOrNothing):
             self.abort()
             raise
         finally:
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            if old is not None:  # the previous folder: trash, deleted in the background when large
+                discard(old, unfinished=False)
         return self.path
 
     def abort(self) -> None:
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        """Drop the unfinished folder: renamed to trash at once, deleted now or in the background (:func:`discard`)."""
+        if self._tmp is not None and (self._tmp.exists() or self._tmp.is_symlink()):
+            discard(self._tmp, self.path, self.written, self.shape[0])
 
 
 

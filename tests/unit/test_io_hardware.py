@@ -155,3 +155,124 @@ def test_write_json_is_strict_and_notes_non_finite_values(tmp_path):
     assert data["non_finite"] == {"values": {"metrics.gap": "inf", "metrics.t": "nan", "metrics.list[0]": "-inf"},
                                   "note": NON_FINITE_NOTE}
     assert "non_finite" not in json.loads(write_json(tmp_path / "f.json", {"a": 1.5}).read_text())
+
+
+# ----------------------------------------------------------------------------- leftovers of stopped runs
+def dead_pid() -> int:
+    """The id of a process that has exited (and been reaped)."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-S", "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_temp_names_carry_their_writer_and_only_abandoned_ones_are_cleaned(tmp_path):
+    import subprocess
+    import time
+
+    from gencli import io
+
+    live = subprocess.Popen(["sleep", "60"])
+    try:
+        dead = dead_pid()
+        other_host = "f" * 6 if io.HOST_TAG != "f" * 6 else "e" * 6
+        made = {
+            "dead_npz": tmp_path / f".samples.npz.{dead}@{io.HOST_TAG}.abcd1234.tmp",
+            "dead_folder": tmp_path / f".images.{dead}@{io.HOST_TAG}.k2j3h4g5.tmp",
+            "dead_trash": tmp_path / f".trash.{dead}@{io.HOST_TAG}.0a1b2c3d.images",
+            "live_folder": tmp_path / f".images.{live.pid}@{io.HOST_TAG}.x9y8z7w6.tmp",
+            "live_trash": tmp_path / f".trash.{live.pid}@{io.HOST_TAG}.0a1b2c3d.images",
+            "own_npz": tmp_path / io.temp_name("samples.npz"),
+            "other_host_fresh": tmp_path / f".samples.npz.{dead}@{other_host}.abcd1234.tmp",
+            "other_host_old": tmp_path / f".metrics.json.{dead}@{other_host}.abcd1234.tmp",
+            "other_host_trash": tmp_path / f".trash.{live.pid}@{other_host}.0a1b2c3d.images",
+            "legacy_fresh": tmp_path / ".samples.npz.1gdtuwrf.tmp",
+            "legacy_old": tmp_path / ".images.a7yjivej.tmp",
+            "not_ours": tmp_path / ".cache.tmp",
+            "hidden_config": tmp_path / ".hydra",
+            "output": tmp_path / "samples.npz",
+        }
+        folders = {"dead_folder", "dead_trash", "live_folder", "live_trash", "other_host_trash", "legacy_old",
+                   "hidden_config"}
+        for key, path in made.items():
+            if key in folders:
+                path.mkdir()
+                for i in range(3):
+                    (path / f"{i:06d}.png").write_bytes(b"png")
+                (path / "sub").mkdir()
+                (path / "sub" / "x").write_bytes(b"x")
+            else:
+                path.write_bytes(b"data")
+        day_ago = time.time() - io.UNOWNED_AFTER_S - 60
+        for key in ("other_host_old", "legacy_old"):
+            os.utime(made[key], (day_ago, day_ago))
+
+        # a folder that is not gencli's own (export's out=): older gencli versions' names are left alone there
+        removed = io.clean_leftovers(tmp_path, tmp_path / "missing", legacy=False)
+        gone = {key for key, path in made.items() if not path.exists()}
+        assert gone == {"dead_npz", "dead_folder", "dead_trash", "other_host_old", "other_host_trash"}
+        assert sorted(removed) == sorted(made[key] for key in gone)
+        assert io.clean_leftovers(tmp_path) == [made["legacy_old"]]  # a run folder: untouched for a day, removed
+        assert io.clean_leftovers(tmp_path) == []  # nothing more: a live process's temp files are never touched
+    finally:
+        live.kill()
+        live.wait()
+    assert io.abandoned(made["live_folder"])  # once its writer is gone, it is a leftover
+    assert io.leftover_owner(made["live_folder"].name) == ("temp", live.pid, io.HOST_TAG)
+    assert io.leftover_owner("samples.npz") is None and io.leftover_owner(".hydra") is None
+
+
+def test_writers_temp_names_are_recognised_as_theirs(tmp_path):
+    from gencli import io
+
+    npz = io.NpzImageWriter(tmp_path / "samples.npz", 2, (4, 4, 1))
+    png = io.PngFolderWriter(tmp_path / "images", 2, (4, 4, 1))
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert [io.leftover_owner(name)[:2] for name in names] == [("temp", os.getpid())] * 2
+    assert io.clean_leftovers(tmp_path) == []  # this process is alive
+    npz.abort()
+    png.abort()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discard_renames_to_trash_at_once_and_deletes_a_large_folder_in_the_background(tmp_path):
+    import time
+
+    from gencli import io
+
+    small = tmp_path / io.temp_name("small")
+    small.mkdir()
+    (small / "a.png").write_bytes(b"a")
+    record = io.discard(small, tmp_path / "small", 1, 5)
+    assert record.pending is None and list(tmp_path.iterdir()) == []  # quick: deleted on the spot
+    assert (io.DISCARDED[-1].target.name, io.DISCARDED[-1].written, io.DISCARDED[-1].total) == ("small", 1, 5)
+
+    big = tmp_path / io.temp_name("images")
+    big.mkdir()
+    for i in range(2000):
+        (big / f"{i:06d}.png").write_bytes(b"png")
+    started = time.monotonic()
+    record = io.discard(big, tmp_path / "images", budget=0.0)  # no time in the foreground: all in the background
+    assert time.monotonic() - started < 2.0
+    assert not big.exists() and record.pending is not None and record.pending.name.startswith(".trash.")
+    assert io.leftover_owner(record.pending.name)[:2] == ("trash", os.getpid())
+    deadline = time.monotonic() + 60
+    while record.pending.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(tmp_path.iterdir()) == []  # the background process deleted it
+
+
+def test_remove_tree_never_follows_symlinks(tmp_path):
+    from gencli import io
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    doomed = tmp_path / io.temp_name("images")
+    doomed.mkdir()
+    (doomed / "link").symlink_to(outside, target_is_directory=True)
+    (doomed / "file.png").write_bytes(b"x")
+    assert io.remove_tree(doomed)
+    assert not doomed.exists() and (outside / "keep.txt").read_text() == "keep"

@@ -1,10 +1,13 @@
-"""What the three jobs share: turning errors into one-paragraph messages, devices, data, options."""
+"""What the jobs share: turning errors (and signals) into one-paragraph messages, devices, data, options."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -52,14 +55,21 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     Every job leaves a ``job.json`` record (:mod:`gencli.sweep`). In a multirun a failed job does not end the
     sweep: it is recorded, and the job returns NaN (a failed trial to Optuna); the sweep's summary reports it
     and the command exits 1 at the end. A signal (Interrupted) still stops the whole sweep.
-    """
-    import time
 
+    Signals: ``train`` stops at a step boundary after saving a checkpoint (:mod:`gencli.callbacks.preemption`);
+    every other verb stops at once (:class:`StopOnSignal`): its unfinished outputs are discarded (renamed to trash,
+    deleted at once or in the background, :func:`gencli.io.discard`), one paragraph says which signal and what was
+    kept and removed, and it exits 128 + the signal (143 for SIGTERM, 130 for Ctrl+C; a second one exits at once).
+    Before the job, the temp files and trash that stopped or killed runs left in the output folder (and in the
+    run folders beside it) are removed, never those of a live process (:func:`gencli.io.clean_leftovers`).
+    """
     from gencli.hardware import keep_freed_memory
     from gencli.sweep import finished_record, in_multirun
 
     keep_freed_memory()  # large CPU batches: reuse freed memory instead of page-faulting it in again
     started, multirun = time.perf_counter(), in_multirun()
+    verb = str(cfg.get("task_name"))
+    stopper = StopOnSignal(verb) if verb not in OWN_SIGNAL_HANDLING else None
     out_dir = cfg.paths.output_dir if cfg.get("paths") and cfg.paths.get("output_dir") else None
     if multirun and (cfg.get("sweep") or {}).get("skip_done") and out_dir:
         done = finished_record(out_dir)
@@ -69,19 +79,30 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             logging.getLogger(__name__).info("sweep.skip_done: %s already completed (value %s); skipped", out_dir,
                                              done.get("value"))
             return done.get("value") if done.get("value") is not None else float("nan")
+    if out_dir and not launched_rank():
+        clean_leftovers_near(out_dir, cfg)
     fresh = not multirun and out_dir is not None and only_bookkeeping(out_dir, cfg)  # made by Hydra for this job
+    if stopper is not None:
+        stopper.install()
     try:
         from gencli.schema import validate
 
         # Again inside the job: the CLI checked one job of a multirun; every job (and every DDP rank) checks its own.
-        validate(cfg, str(cfg.get("task_name")))
+        validate(cfg, verb)
         value = job(cfg)
+        if stopper is not None:  # (it stays installed: a signal while the process winds down exits at once)
+            stopper.finishing = f"after gencli {verb} had finished; its outputs are complete"
         if out_dir and rank_zero():
             record_job(out_dir, "completed", value, seconds=time.perf_counter() - started)
         return value
-    except Exception as err:
-        gencli_error = user_error(err)
-        full = os.environ.get("HYDRA_FULL_ERROR") == "1"
+    except (Exception, Stopped) as err:
+        if stopper is not None:  # from here on a signal exits at once: the error is being reported
+            stopper.finishing = stopper.finishing or "while the job's error was being reported"
+        if isinstance(err, Stopped):
+            gencli_error = stopped_error(err.signum, verb, out_dir, time.perf_counter() - started, stopper.dropped())
+        else:
+            gencli_error = user_error(err)
+        full = os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, Stopped)
         first = rank_zero()
         if out_dir and first:
             status = "interrupted" if isinstance(gencli_error, Interrupted) else "failed"
@@ -110,13 +131,179 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         Console(stderr=True, soft_wrap=True).print(f"[bold red]gencli error:[/] {gencli_error.message}", highlight=False)
         if multirun and not isinstance(gencli_error, Interrupted):
             return float("nan")  # recorded; the sweep goes on, and its summary exits 1 at the end
+        if isinstance(err, Stopped) and not multirun:
+            exit_now(gencli_error.exit_code)
         sys.exit(gencli_error.exit_code)
+
+
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's finalisation, which takes seconds once torch is loaded (the stop message and
+    job.json are written, the log flushed): a stopped command should be gone as soon as it said why."""
+    import logging
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
+
+
+# ----------------------------------------------------------------------------- signals outside train
+#: Verbs whose job handles signals itself: train finishes the step and saves a checkpoint first
+#: (gencli.callbacks.preemption.Preemption, installed when training starts).
+OWN_SIGNAL_HANDLING = frozenset({"train"})
+#: The signals that stop any other verb: SIGTERM (kill, a scheduler's preemption), SIGINT (Ctrl+C) and SIGUSR1 (a
+#: cluster's warning before preemption; train saves on it too).
+STOP_SIGNALS = ("SIGTERM", "SIGINT", "SIGUSR1")
+#: What each signal usually means, for the message.
+SIGNAL_MEANING = {"SIGTERM": "a termination request: kill, or a scheduler preempting the job",
+                  "SIGUSR1": "the cluster's warning before preemption", "SIGINT": "Ctrl+C"}
+#: Per verb: the file written last, whose presence means the outputs are complete, and what to do next.
+STOP_NOTES = {
+    "sample": ("sample.json", "Nothing is resumable: the same command makes the same images again (image i depends "
+                              "only on seed and i)."),
+    "eval": ("metrics.json", "No metric is reported from part of its images: the same command measures again, "
+                             "reusing the reference statistics and domain classifiers already cached."),
+    "export": ("export.json", "An export already at the destination is untouched; the same command exports again."),
+    "report": (None, "A report.html already there is untouched; the same command writes it again."),
+}
+
+
+class Stopped(BaseException):
+    """Raised by :class:`StopOnSignal` in the main thread. Not an ``Exception``, so no ``except Exception`` in a job
+    or a library swallows it, while every ``with`` and ``finally`` on the way out still runs (the writers of
+    :mod:`gencli.io` discard their unfinished outputs). :func:`run_job` turns it into :class:`Interrupted`."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+class StopOnSignal:
+    """While a job other than train runs, SIGTERM, SIGINT and SIGUSR1 stop it at once (:class:`Stopped`); a second
+    signal, or one that comes once the job has returned or failed (while its end is reported, and while the process
+    winds down, which takes seconds once torch is loaded), exits the process at once (128 + signal) with one line on
+    stderr. The handlers stay installed after the job (the next job of a multirun installs its own); :meth:`restore`
+    puts the previous ones back for a library caller. Only the main thread can handle signals."""
+
+    def __init__(self, verb: str):
+        self.verb = verb
+        self.received: int | None = None
+        self.finishing: str | None = None  # set once the job returned or failed: a signal then exits at once
+        self.previous: dict[int, Any] = {}
+        from gencli.io import DISCARDED
+
+        self._first_dropped = len(DISCARDED)
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self.previous[signum] = signal.signal(signum, self.handle)
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            with contextlib.suppress(ValueError, TypeError):
+                signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous = {}
+
+    def handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        if self.received is not None or self.finishing:
+            when = ("a second signal" if self.received is not None else self.finishing)
+            note = (f"gencli {self.verb}: {name} {'(' + when + ')' if self.received is None else 'again'}: exiting at "
+                    "once." + ("" if self.received is None else " Unfinished outputs not yet removed stay as "
+                               ".NAME.<pid>@<host>.<random>.tmp or .trash.* files, which the next gencli run in that "
+                               "folder removes.") + "\n")
+            with contextlib.suppress(OSError):
+                os.write(2, note.encode())
+            os._exit(128 + int(signum))
+        self.received = signum
+        import logging
+
+        logging.getLogger(__name__).warning("received %s: stopping, removing unfinished outputs%s", name,
+                                            " (Ctrl+C again exits at once)" if signum == signal.SIGINT else "")
+        raise Stopped(signum)
+
+    def dropped(self) -> list:
+        """What :func:`gencli.io.discard` removed since the job started."""
+        from gencli.io import DISCARDED
+
+        return DISCARDED[self._first_dropped:]
+
+
+def stopped_error(signum: int, verb: str, out_dir, seconds: float, dropped: list) -> Interrupted:
+    """One paragraph: which signal stopped ``verb`` after how long, what was removed, what is kept, what next."""
+    name = signal.Signals(signum).name
+    parts = [f"gencli {verb} stopped by {name} ({SIGNAL_MEANING.get(name, 'a signal')}) after {seconds:.1f} s."]
+    removed, pending = [], []
+    for item in dropped:
+        what = item.target.name + ("/" if item.pending is not None or not item.target.suffix else "")
+        if item.written is not None and item.total is not None:
+            what += f" ({item.written:,} of {item.total:,} images)"
+        removed.append(what)
+        if item.pending is not None:
+            pending.append(item.pending)
+    if removed:
+        parts.append(f"Unfinished, removed: {', '.join(removed)}; none of them was renamed into place.")
+    if pending:
+        parts.append(f"{', '.join(p.name for p in pending)} (trash) is being deleted in the background; the next "
+                     "gencli run in that folder deletes whatever is left.")
+    marker, advice = STOP_NOTES.get(verb, (None, "Run the same command again."))
+    folder = Path(str(out_dir)) if out_dir else None
+    if folder is not None:
+        records = {".hydra", f"{verb}.log", "job.json"}
+        with contextlib.suppress(OSError):
+            kept = sorted(p.name + ("/" if p.is_dir() else "") for p in folder.iterdir()
+                          if not p.name.startswith(".") and p.name not in records)
+            done = marker is not None and (folder / marker).is_file() and \
+                (folder / marker).stat().st_mtime >= time.time() - seconds - 1
+            if done:
+                parts.append(f"It had finished: {marker} was written, and everything in {folder} is complete and "
+                             f"kept ({', '.join(kept)}).")
+                advice = ""
+            else:
+                if marker is not None:
+                    parts.append(f"{marker} was not written" + (" (the one there is from an earlier run)"
+                                                                 if (folder / marker).exists() else "") + ".")
+                parts.append(f"Kept in {folder}: {', '.join(kept)} (complete files only; job.json says interrupted)."
+                             if kept else f"Nothing else is in {folder} (job.json says interrupted).")
+    if advice:
+        parts.append(advice)
+    return Interrupted(" ".join(parts), signum=signum)
+
+
+def clean_leftovers_near(out_dir, cfg: DictConfig) -> list[Path]:
+    """Remove the temp files and trash that stopped or killed gencli processes left in ``out_dir`` and, when it is a
+    run folder under ``paths.log_dir`` (outputs/<verb>/runs/<name>), in the run folders beside it: a new run has a
+    new timestamped folder, so leftovers of the last one would otherwise never be seen. Never a live process's."""
+    from gencli.io import clean_leftovers
+
+    folder = Path(str(out_dir))
+    folders = [folder]
+    log_dir = (cfg.get("paths") or {}).get("log_dir")
+    try:
+        if log_dir and folder.resolve().parent.is_relative_to(Path(str(log_dir)).resolve()):
+            parent = folder.resolve().parent
+            folders += sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and p != folder.resolve())
+    except (OSError, ValueError, RuntimeError):
+        pass
+    try:
+        return clean_leftovers(*folders)
+    except Exception as err:  # noqa: BLE001 - tidying up is never the job's fate
+        import logging
+
+        logging.getLogger(__name__).warning("could not check %s for leftovers of stopped runs (%s: %s)", folder,
+                                            type(err).__name__, err)
+        return []
 
 
 def only_bookkeeping(out_dir, cfg: DictConfig) -> bool:
     """Whether ``out_dir`` holds nothing but Hydra's and gencli's records (.hydra/, <verb>.log, job.json): a run
     folder in which the job produced nothing (a folder of an earlier run, with checkpoints or images, never is)."""
-    records = {".hydra", f"{cfg.get('task_name')}.log", "job.json"}
+    records = {".hydra", f"{cfg.get('task_name')}.log", "job.json", ".gencli.lock"}  # (gencli.runlock's file)
     try:
         return all(entry.name in records for entry in Path(str(out_dir)).iterdir())
     except OSError:

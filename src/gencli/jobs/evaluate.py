@@ -12,6 +12,9 @@ extractor is untouched, so FID is measured in the same float32 feature space wha
 metrics.json's ``timing`` says where the wall time went: generation (with its images/s), feature extraction, I/O,
 the extractor's setup and the metric computations (:mod:`gencli.metrics.timing`), printed as one line under the
 table.
+
+SIGTERM / Ctrl+C stop it at once (exit 143 / 130, :func:`gencli.jobs.common.run_job`): metrics.json, written last,
+is then not written (no metric is reported from part of its images) and job.json says ``interrupted``.
 """
 
 from __future__ import annotations
@@ -96,6 +99,8 @@ def measure(cfg: DictConfig, device, split: TimeSplit) -> dict:
     if model is not None and not cfg.get("samples"):  # the model generates: it samples as hardware= says
         settings, profile = sampling_settings(cfg, device)
         hardware = sampling_hardware(settings, model, device, ctx.sample_options.get("use_ema"), profile)
+    if ctx.save_samples:  # this run replaces samples.npz: an earlier metrics.json must not describe a mix of runs
+        (ctx.out_dir / "metrics.json").unlink(missing_ok=True)
     with hardware as ctx.sampling_hardware:
         for name, metric in ctx.metrics.items():
             result = metric(ctx)

@@ -15,10 +15,8 @@ Weights: the EMA copy where the family keeps one (``use_ema=null``, what samplin
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import hydra
@@ -35,7 +33,7 @@ from gencli.exports import (
     pick_weights,
     write_export,
 )
-from gencli.io import restore_model, write_json
+from gencli.io import clean_leftovers, discard, restore_model, temp_name, write_json
 from gencli.jobs.common import run_job
 from gencli.provenance import environment
 
@@ -84,6 +82,8 @@ def output_paths(cfg: DictConfig) -> list[Path]:
         targets = [weights, json_path(weights)]
     else:
         targets = [Path(str(cfg.out)).expanduser() if cfg.get("out") else run_dir / "diffusers"]
+    if targets[0].parent.resolve() != run_dir.resolve():  # out= elsewhere: what a stopped export left there goes
+        clean_leftovers(targets[0].parent, legacy=False)
     existing = [p for p in targets if p.exists()]
     if existing and not cfg.overwrite:
         raise ConfigError(f"{existing[0]} already exists; gencli export does not replace an export unless told: add "
@@ -110,9 +110,9 @@ def write_diffusers(model, tensors: dict, record: dict, folder: Path) -> Path:
     net_state = {key[len("net."):]: value for key, value in tensors.items() if key.startswith("net.")}
     unet = unet_state_dict(model.net, net_state)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    temp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
-    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
-    shutil.rmtree(temp, ignore_errors=True)
+    # temp names carry this process (gencli.io.temp_name): a stopped export's are removed by the next run
+    temp = folder.with_name(temp_name(folder.name))
+    old = folder.with_name(temp_name(f"{folder.name}.old"))
     try:
         (temp / "unet").mkdir(parents=True)
         (temp / "scheduler").mkdir()
@@ -125,13 +125,12 @@ def write_diffusers(model, tensors: dict, record: dict, folder: Path) -> Path:
         if folder.exists():  # overwrite=true (checked before): swap, then delete the previous export
             os.replace(folder, old)
         os.replace(temp, folder)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
+    except BaseException:  # (a signal too): the unfinished folder goes, the previous export comes back
         if old.exists() and not folder.exists():
             os.replace(old, folder)
+        discard(temp, folder)
         raise
-    with contextlib.suppress(OSError):
-        shutil.rmtree(old)
+    discard(old, unfinished=False)
     return folder
 
 

@@ -17,6 +17,10 @@ Image ``i`` depends only on (``seed``, ``i``): each image draws its noise from i
 each batch goes to the npz (:class:`gencli.io.NpzImageWriter`) and the PNG folder
 (:class:`gencli.io.PngFolderWriter`) as it is made and only the grid's images are kept, so memory does
 not grow with ``n``; both are renamed into place only once complete.
+
+SIGTERM / Ctrl+C stop it at once (exit 143 / 130, :func:`gencli.jobs.common.run_job`): the unfinished npz and PNG
+folder are discarded (renamed to trash, deleted at once or in the background: :func:`gencli.io.discard`), sample.json
+(written last) is absent, job.json says ``interrupted``; the next gencli run there removes anything a killed run left.
 """
 
 from __future__ import annotations
@@ -97,6 +101,7 @@ def sample(cfg: DictConfig) -> Path:
             with timed("generation", images=max(1, min(cfg.n, 16)) * cfg.interpolation_steps):
                 strips = interpolate(model, cfg, seed, options, plan)
             with timed("io"):
+                forget_completion(out)
                 written = save_image_grid(out / "interpolation.png", strips, nrow=cfg.interpolation_steps, scale=scale)
         elif cfg.mode in EDITS:
             edit = edit_options(cfg, model)
@@ -105,6 +110,7 @@ def sample(cfg: DictConfig) -> Path:
         else:
             pairs = reconstruct(model, cfg, checkpoint)
             with timed("io"):
+                forget_completion(out)
                 written = save_image_grid(out / "reconstructions.png", pairs, nrow=16, scale=scale)
 
     if cfg.mode not in EDITS:
@@ -159,6 +165,7 @@ def sample_images(model, cfg: DictConfig, n: int, seed: int, options: dict, plan
                 kept.append(images[: grid_n - start].clone())  # not a view that keeps the whole batch
             start += b
         with timed("io"):  # the writers' final rename into place
+            forget_completion(out)
             outputs.close()
         written = [writer.path for writer in writers]
     if grid_n > 0:
@@ -170,6 +177,13 @@ def sample_images(model, cfg: DictConfig, n: int, seed: int, options: dict, plan
                                                    enumerate(labelled["labels"].tolist())},
                                          "class_names": list(plan.class_names)})
     return written[0]
+
+
+def forget_completion(out: Path) -> None:
+    """Remove an earlier run's sample.json before the first output of this one replaces anything in ``out`` (a fixed
+    run_name): sample.json, written last, says the outputs beside it are complete, and a run stopped between two
+    renames must not leave an old record describing a mix of old and new files."""
+    (out / "sample.json").unlink(missing_ok=True)
 
 
 def grid_columns(cfg: DictConfig, plan: LabelPlan | None) -> int | None:
@@ -283,6 +297,7 @@ def edit_images(model, cfg: DictConfig, checkpoint: dict, seed: int, options: di
     rows = min(grid_n, len(inputs)) or len(inputs)
     grid = torch.stack([c[:rows] for c in columns], 1).flatten(0, 1)
     with timed("io"):
+        forget_completion(out)
         save_npz(out / f"{name}.npz", to_uint8(result), **extra)
         return save_image_grid(out / ("inpaint.png" if cfg.mode == "inpaint" else "variations.png"), grid,
                                nrow=len(columns), scale=scale)
