@@ -857,9 +857,11 @@ def compile_cache_env(work: Path) -> dict:
 
 
 def plan_budget(part: str, later: list[str], left: float, table: dict) -> float:
-    """Seconds for ``part``: its cap, and no more than what is left after the least of every later part (but never
-    less than its own least while that fits in what is left). Below the part's least: 0 (skip it)."""
+    """Seconds for ``part``: its cap (none for the last part), and no more than what is left after the reserves of
+    the later parts (but never less than its own least while that fits in what is left). Below its least: 0 (skip)."""
     cap, least, _ = table[part]
+    if not later:  # the last part (or one rerun alone) has nobody to leave time for: all that is left
+        cap = float("inf")
     reserve = sum(table[p][2] for p in later)
     budget = min(cap, max(left - reserve, least), left - 3)
     return budget if budget >= least else 0.0

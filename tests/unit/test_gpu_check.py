@@ -142,6 +142,8 @@ def test_plan_budget_keeps_the_later_parts_reserves_and_skips_what_no_longer_fit
     assert gpu_check.plan_budget("a", ["e", "d"], 120, table) == 100  # squeezed to its least, e pays
     assert gpu_check.plan_budget("a", ["e", "d"], 90, table) == 0  # its least no longer fits: skip
     assert gpu_check.plan_budget("d", [], 60, table) == 57
+    assert gpu_check.plan_budget("a", [], 400, table) == 397  # alone (a rerun): no cap, all that is left
+    assert gpu_check.plan_budget("e", ["d"], 400, table) == 100  # d reserves nothing, but e keeps its cap
 
 
 def test_a_slow_compile_squeezes_later_parts_which_are_skipped_and_recorded(tmp_path, monkeypatch):
@@ -185,12 +187,12 @@ def test_recorder_skips_a_measurement_that_no_longer_fits(tmp_path):
     gpu_check = load_gpu_check()
     import time
 
-    rec = gpu_check.Recorder(tmp_path / "r.json", time.time() + 5)
-    assert rec("big", lambda: {"v": 1}, need=30) is None
+    rec = gpu_check.Recorder(tmp_path / "r.json", time.time() + 120)
+    assert rec("big", lambda: {"v": 1}, need=300) is None
     assert rec("small", lambda: {"v": 2}, need=1)["v"] == 2
     saved = json.loads((tmp_path / "r.json").read_text())
-    assert "needs ~30 s" in saved["big"]["skipped"] and saved["small"]["v"] == 2
-    assert gpu_check.err(saved["big"]).startswith("skipped: needs ~30 s")
+    assert "needs ~300 s" in saved["big"]["skipped"] and saved["small"]["v"] == 2
+    assert gpu_check.err(saved["big"]).startswith("skipped: needs ~300 s")
 
 
 def test_the_timed_window_starts_after_the_wait_for_the_gpu():
