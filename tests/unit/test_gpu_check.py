@@ -233,3 +233,43 @@ def test_the_timed_window_starts_after_the_wait_for_the_gpu():
         bench_trainer("cpu", "32-true", clock).fit(Tiny(), train_dataloaders=loader)
         assert clock.timed == 3 and clock.stop - clock.start < 0.5, warmup
         assert clock.profile["steps"] == 2 and clock.profile["aten_ops_per_step"] > 0
+
+
+def test_profile_summary_on_a_gpu_counts_kernels_launches_and_idle_time():
+    """profsum.summarize's GPU branch, fed the profiler's own event type (FunctionEvent with CUDA device events), so
+    its arithmetic is checked here before a GPU runs it: 2 steps over a 10 ms window, kernels busy 6 ms of it
+    (overlapping kernels counted once), a memcpy that is device time but not a kernel, and the launch calls."""
+    sys.path.insert(0, str(ROOT / "scripts" / "peers"))
+    try:
+        import profsum
+    finally:
+        sys.path.remove(str(ROOT / "scripts" / "peers"))
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    def ev(name, start_ms, end_ms, device=DeviceType.CPU):
+        return FunctionEvent(id=0, name=name, thread=0, start_us=start_ms * 1e3, end_us=end_ms * 1e3,
+                             device_type=device)
+
+    gpu = DeviceType.CUDA
+    events = [ev("aten::conv2d", 0, 10), ev("cudaLaunchKernel", 0.1, 0.2), ev("cudaLaunchKernel", 0.3, 0.4),
+              ev("cuLaunchKernel", 0.5, 0.6), ev("cudaGraphLaunch", 0.7, 0.8),
+              ev("sm90_xmma_gemm", 1, 4, gpu), ev("triton_poi_fused_add_0", 3, 5, gpu),  # overlap: 1..5 busy
+              ev("sm90_xmma_gemm", 6, 7, gpu), ev("Memcpy HtoD (Pageable -> Device)", 8, 9, gpu)]
+
+    class Prof:
+        wall_s = 0.01
+
+        def events(self):
+            return events
+
+    s = profsum.summarize(Prof(), 2, "cuda")
+    assert s["window_ms"] == pytest.approx(10) and s["step_ms_under_profiler"] == pytest.approx(5)
+    assert s["gpu_busy_ms_per_step"] == pytest.approx(3)  # (4 + 1 + 1) ms / 2 steps
+    assert s["gpu_idle_share"] == pytest.approx(0.4)
+    assert s["kernels_per_step"] == 1.5 and s["device_ops_per_step"] == 2
+    assert s["launch_calls_per_step"] == 2 and s["cuda_graph_launches_per_step"] == 0.5
+    assert s["top"][0]["name"] == "sm90_xmma_gemm" and s["top"][0]["ms_per_step"] == pytest.approx(2)
+    assert s["top"][0]["share_of_busy"] == pytest.approx(4 / 6)
+    text = "\n".join(profsum.lines(s, "gencli"))
+    assert "GPU idle 40.0%" in text and "sm90_xmma_gemm" in text
