@@ -43,13 +43,17 @@ def main(argv: list[str] | None = None) -> None:
 
         print(verb_help(verb, [o for o in overrides if o not in ("--help", "-h")]))
         sys.exit(0)
-    from gencli.config import precheck
+    from gencli.config import NothingToTrain, precheck
 
-    try:  # composition, types, ranges, keys, the output folder: one paragraph before anything runs
+    try:  # composition, types, ranges, keys, the classes it builds, the run folder: before anything runs or is written
         overrides = precheck(verb, VERBS[verb][1], overrides)
     except GencliError as err:
         print(f"gencli error: {err.message}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except NothingToTrain as done:  # resume=auto of a finished run: nothing to do, nothing written
+        print(f"gencli: {done.note}")
+        sys.exit(0)
+    # gencli train holds its run folder's lock from here to the end of the process (gencli.runlock)
     module = importlib.import_module(VERBS[verb][0])
     # Hydra reads its overrides from sys.argv; argv[0] becomes the job's own file so that
     # Lightning's DDP launcher, which re-runs sys.argv once per extra rank, re-runs this job.

@@ -213,9 +213,25 @@ def first_of_each_sweep(overrides: list[str]) -> list[str]:
     return single
 
 
+#: Hydra's flags that would make it compose or load something this pre-flight never saw: refused, with the reason.
+HYDRA_FLAGS_REFUSED = {
+    "--experimental-rerun": "it re-runs a job from a pickled config file (.hydra/config.pickle), and unpickling a "
+                            "file runs any code its author put in it. Re-run a gencli run from its command line or its "
+                            ".hydra/overrides.yaml instead",
+    **dict.fromkeys(("--config-dir", "-cd", "--config-path", "-cp", "--config-name", "-cn"),
+                    "gencli composes conf/<verb>.yaml and checks it (keys, values, the classes it may build) before "
+                    "Hydra runs; a config from elsewhere would skip those checks. Put a config tree of your own in a "
+                    "folder and point GENCLI_CONFIG_DIR=DIR at it (checked the same way), or choose options with "
+                    "group=option"),
+}
+
+
 def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
     """Everything that can be checked before a job starts: returns the overrides to hand to Hydra (quoted where
-    needed), or raises ConfigError with one paragraph. Composition, the schema, the output folder."""
+    needed), or raises ConfigError with one paragraph. Composition, the schema, the classes the command line may
+    build (:func:`gencli.safety.check_command_line`), the output folder, and for ``gencli train`` the run folder:
+    resume= and the checkpoints already there (:func:`gencli.jobs.resume.preflight`), then its lock
+    (:mod:`gencli.runlock`), all before Hydra creates the folder or writes anything into it."""
     from hydra import compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
@@ -229,6 +245,10 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
         if arg.split("=", 1)[0].lstrip("+~") == "ckpt_path" and verb == "train":
             raise ConfigError(f"{arg}: gencli train continues a run with resume=PATH (or resume=auto for the run "
                               "directory's own last checkpoint), through gencli's safe loader; ckpt_path= is not an option.")
+    for arg in args:
+        flag = arg.split("=", 1)[0]
+        if flag in HYDRA_FLAGS_REFUSED:
+            raise ConfigError(f"{flag} is not available in gencli {verb}: {HYDRA_FLAGS_REFUSED[flag]}.")
     if any(arg.split("=", 1)[0] in HYDRA_FLAGS_WITHOUT_A_RUN for arg in args):
         return args
     multirun = any(arg in ("-m", "--multirun") for arg in args)
@@ -251,6 +271,10 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
             with_runtime(cfg, multirun)
             check_sweeper(cfg, multirun)  # hparams_search= without optuna: one paragraph, not Hydra's traceback
             validate(cfg, verb)
+            # what Hydra itself builds (callbacks, launcher, sweeper, logging) is bounded like the job's config
+            check_command_line(cfg, overrides if multirun else [])
+            if verb == "train":
+                take_run_folder(cfg, multirun)  # the last check: from here on the run may write into its folder
     finally:
         GlobalHydra.instance().clear()
     return args
@@ -327,3 +351,95 @@ def check_output_folder(cfg, multirun: bool) -> None:
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"the run folder {folder} cannot be created: {existing} is not writable (read-only or "
                           f"no permission); {fix}.")
+
+
+# ----------------------------------------------------------------------------- what Hydra builds, the run folder
+def check_command_line(cfg, sweeps: list[str]) -> None:
+    """Hydra's own part of the composed config (``hydra.callbacks``, the launcher, the sweeper and its sampler and
+    pruner, the logging handlers and formatters) goes through the allow-list like the job's part (which
+    :func:`gencli.schema.validate` resolves through it). ``sweeps``: a multirun's overrides, whose every value (not
+    only the first, which was composed) is checked where it names a class."""
+    from omegaconf import OmegaConf
+
+    from gencli.safety import check_hydra_node, check_swept_values
+
+    try:
+        node = OmegaConf.to_container(cfg.hydra, resolve=True, throw_on_missing=False)
+    except Exception:  # noqa: BLE001 - an interpolation that cannot be resolved here: check the text as written
+        node = OmegaConf.to_container(cfg.hydra, resolve=False)
+    check_hydra_node(node)
+    check_swept_values(sweeps)
+    params = (node.get("sweeper") or {}).get("params") if isinstance(node.get("sweeper"), dict) else None
+    if isinstance(params, dict):  # a sweep's search space from a config: key -> 'a,b' / 'choice(a,b)' / 'interval(...)'
+        check_swept_values([f"{key}={value}" for key, value in params.items() if isinstance(value, str)])
+
+
+def pinned_folder(cfg, key: str) -> Path | None:
+    """The folder ``key`` (``hydra.run.dir`` / ``hydra.sweep.dir``) names, or None when its name holds the start
+    time (``${now:...}``): Hydra's own composition will pick another time, and no other run can have it."""
+    from hydra.core.utils import setup_globals
+    from omegaconf import OmegaConf
+
+    marker = "@gencli-start-time@"
+    try:
+        copy = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False))
+        OmegaConf.register_new_resolver("now", lambda pattern: marker, replace=True)
+        value = OmegaConf.select(copy, key)
+    except Exception:  # noqa: BLE001 - not resolvable here: the job locks its folder itself
+        return None
+    finally:
+        setup_globals()  # Hydra's own ${now:} (and friends) again
+    if value is None or marker in str(value):
+        return None
+    return Path(str(value)).expanduser()
+
+
+def take_run_folder(cfg, multirun: bool) -> None:
+    """``gencli train``'s run folder: refuse what the job would refuse there (a new run over checkpoints, resume=
+    limits, another family), then lock the folder for this process's life. All before Hydra writes its records
+    into the folder, so a refused command leaves it byte-for-byte as it was. A multirun locks its sweep folder
+    (each job locks its own folder when it starts)."""
+    from gencli.runlock import RunLock, takes_locks
+
+    folder = pinned_folder(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    lock = RunLock(folder, "sweep" if multirun else "gencli train run") if folder and takes_locks() else None
+    if lock is not None:
+        lock.probe()  # a live holder: refused here, nothing written
+    try:
+        point = None
+        if not multirun:
+            from gencli.jobs.resume import preflight
+
+            point = preflight(cfg)
+        if point is not None and point.complete:
+            finish_complete_run(cfg, point, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    if lock is not None:
+        lock.claim()
+
+
+class NothingToTrain(Exception):
+    """``resume=auto`` found the run already complete: exit 0 with ``note``, without Hydra writing anything."""
+
+    def __init__(self, note: str):
+        super().__init__(note)
+        self.note = note
+
+
+def finish_complete_run(cfg, point, lock) -> None:
+    """A run ``resume=auto`` finds complete trains nothing, so its folder keeps the records of the run that trained
+    (Hydra would rewrite .hydra/ with this command's settings): only a missing metrics.json is written, as the job
+    would; then :class:`NothingToTrain`, which the CLI turns into the note and exit code 0."""
+    from gencli.jobs import resume
+
+    resume._PREFLIGHT.clear()
+    if not (Path(str(cfg.paths.output_dir)) / "metrics.json").is_file():
+        from gencli.jobs.train import finished_value
+
+        if lock is not None:
+            lock.claim()
+        finished_value(cfg, point)
+    raise NothingToTrain(point.complete)

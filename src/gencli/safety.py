@@ -119,7 +119,7 @@ HYDRA_TARGETS = frozenset({
     "hydra_plugins.gencli_sweepers.GencliOptunaSweeper",
     "hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper",
     *(f"optuna.samplers.{name}" for name in (
-        "TPESampler", "RandomSampler", "CmaEsSampler", "GridSampler", "NSGAIISampler", "MOTPESampler", "QMCSampler")),
+        "TPESampler", "RandomSampler", "CmaEsSampler", "GridSampler", "NSGAIISampler", "MOTPESampler")),
     *(f"optuna.pruners.{name}" for name in (
         "MedianPruner", "NopPruner", "PercentilePruner", "SuccessiveHalvingPruner", "HyperbandPruner",
         "ThresholdPruner", "PatientPruner")),

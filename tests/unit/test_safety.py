@@ -18,6 +18,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import gencli
 from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.checkpoints import CHECKPOINT_FORMAT, atomic_save, load_checkpoint, restore_model
 from gencli.config import config_dir
@@ -243,3 +244,81 @@ def test_saves_are_atomic_and_leave_no_partial_file(tmp_path, monkeypatch):
     with pytest.raises(Exception) as err:
         SafeCheckpointIO().save_checkpoint({"a": torch.zeros(1000)}, path)
     assert "No space left on device (ENOSPC)" in str(err.value) and "intact" in str(err.value)
+
+
+# ----------------------------------------------------------------------------- what the command line makes Hydra build
+def test_what_hydra_may_build_exists_and_every_shipped_hydra_option_passes(tmp_path):
+    """HYDRA_TARGETS and LOGGING_CLASSES name real classes, and nothing gencli ships (launchers, searches, Hydra's
+    logging options) is refused by the pre-flight's check of Hydra's part of the config."""
+    import importlib
+
+    from gencli.config import group_options, precheck
+    from gencli.runlock import _HELD
+    from gencli.safety import HYDRA_TARGETS, LOGGING_CLASSES
+
+    for target in sorted(HYDRA_TARGETS | LOGGING_CLASSES):
+        module, _, name = target.rpartition(".")
+        assert isinstance(getattr(importlib.import_module(module), name), type), f"{target} is not a class"
+    used = set()
+    for path in (config_dir() / "hydra").rglob("*.yaml"):
+        used |= {node["_target_"] for _, node in iter_nodes(yaml.safe_load(path.read_text()) or {})
+                 if isinstance(node, dict) and isinstance(node.get("_target_"), str)}
+    assert used <= HYDRA_TARGETS, used - HYDRA_TARGETS
+    runs = [["hydra/job_logging=stdout", "hydra/hydra_logging=hydra_debug"]]
+    runs += [["-m", f"hydra/launcher={launcher}"] for launcher in group_options("hydra/launcher")]
+    runs += [["-m", f"hparams_search={search}"] for search in group_options("hparams_search")]
+    for args in runs:
+        precheck("train", "train", [*args, f"paths.log_dir={tmp_path}"])
+    assert not _HELD  # (folders named after the start time: nothing locked, nothing created)
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["+hydra.callbacks.x._target_=logging.FileHandler", "+hydra.callbacks.x.filename=/tmp/x.log"],
+     "hydra.callbacks.x._target_=logging.FileHandler is refused"),
+    (["hydra.job_logging.handlers.file.class=os.system"], "hydra.job_logging.handlers.file.class=os.system"),
+    (["hydra.hydra_logging.handlers.console.class=logging.handlers.SocketHandler"], "SocketHandler is refused"),
+    (["hydra.job_logging.handlers.console.stream=ext://antigravity.fly"], "ext://antigravity.fly is refused"),
+    (["hydra.launcher._target_=os.system"], "hydra.launcher._target_=os.system"),
+    (["hparams_search=ae_optuna", "hydra.sweeper.custom_search_space=os.system"], "custom_search_space=os.system"),
+    (["hparams_search=ae_optuna", "hydra.sweeper.sampler._target_=builtins.exec"], "builtins.exec is refused"),
+    # a multirun's every value, not only the first one the pre-flight composes
+    (["-m", "+hydra.callbacks.x._target_=gencli.sweep.SweepSummary,logging.FileHandler"], "logging.FileHandler"),
+    (["-m", "model=ae", "model._target_=gencli.families.autoencoder.Autoencoder,os.system"], "os.system"),
+    (["-m", "hydra.job_logging.handlers.file={class:logging.FileHandler},{class:os.system}"], "os.system"),
+    # flags that would have Hydra load something the pre-flight never saw
+    (["--experimental-rerun=run/.hydra/config.pickle"], "unpickling a file runs any code"),
+    (["-cn", "mine"], "-cn is not available"),
+    (["--config-dir=/tmp"], "--config-dir is not available"),
+])
+def test_the_command_line_cannot_make_hydra_build_outside_the_allow_list(tmp_path, args, needle):
+    from gencli.config import precheck
+
+    with pytest.raises(ConfigError) as err:
+        precheck("train", "train", [*args, f"paths.log_dir={tmp_path}"])
+    assert needle in err.value.message and "\n" not in err.value.message
+    assert not any(tmp_path.iterdir())
+
+
+def test_a_class_of_ones_own_may_be_trusted_for_hydra_too(tmp_path, monkeypatch):
+    from gencli.config import precheck
+
+    monkeypatch.setenv("GENCLI_TRUSTED_TARGETS", "logging.handlers.SocketHandler")
+    precheck("train", "train", ["hydra.job_logging.handlers.file.class=logging.handlers.SocketHandler",
+                                f"paths.log_dir={tmp_path}"])
+
+
+@pytest.mark.slow
+def test_command_line_classes_outside_the_allow_list_are_refused_before_anything_is_built(tmp_path):
+    """issue 30 item 3: Hydra's callbacks and logging handlers go through the allow-list too."""
+    target = tmp_path / "written_by_a_handler.log"
+    for attack in (["+hydra.callbacks.x._target_=logging.FileHandler", f"+hydra.callbacks.x.filename={target}"],
+                   ["hydra.job_logging.handlers.file.class=logging.handlers.SocketHandler"],
+                   ["hydra.job_logging.handlers.console.stream=ext://antigravity.fly"]):
+        proc = gencli("train", "model=ae", "data.image_size=8", "trainer.max_epochs=1", *attack, cwd=tmp_path)
+        err = proc.stderr
+        assert proc.returncode == 2, err[-2000:]
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and "is refused: Hydra would build" in lines[0], err
+        assert "GENCLI_TRUSTED_TARGETS" in lines[0]
+        assert not target.exists() and not (tmp_path / "outputs").exists()  # nothing built, nothing written
+

@@ -11,6 +11,12 @@
 - no ``resume``: the checkpoint folder must be empty (or absent), so a second run with the same name
   never overwrites the first one's checkpoints by accident.
 
+``gencli train`` runs these checks twice: in the pre-flight (:func:`preflight`, called by
+:func:`gencli.config.precheck` before Hydra creates the run folder or writes ``.hydra/``), so that a refused
+command leaves the folder byte-for-byte as it was, and again in the job (:func:`resume_point`, the backstop
+for jobs of a multirun and library callers). A checkpoint the pre-flight loaded is handed to the job of the
+same process, not loaded twice.
+
 Lightning itself then restores the model, optimisers, LR schedules, loop counters and callback states
 (through :class:`gencli.checkpoints.SafeCheckpointIO`, which hands it the checkpoint loaded here);
 :class:`gencli.callbacks.TrainingRandomState` restores the random state and
@@ -20,7 +26,7 @@ Lightning itself then restores the model, optimisers, LR schedules, loop counter
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +44,26 @@ class ResumePoint:
     checkpoint: dict[str, Any]
     #: Set when the checkpoint already meets the run's limits under resume=auto: why nothing is trained.
     complete: str | None = None
+    #: Unreadable checkpoints resume=auto passed over (warned about when the job starts).
+    skipped: list[str] = field(default_factory=list)
 
     @property
     def step(self) -> int:
         return int(self.checkpoint.get("global_step") or 0)
 
-    def check_matches(self, model) -> None:
-        """The checkpoint must hold the model the command builds: the same class and tensor shapes."""
-        stored = self.checkpoint["gencli"]
-        family = stored.get("family")
-        if family and family != type(model).__name__:
+    def check_family(self, family_built: str) -> None:
+        """The checkpoint must hold the family (class name) the command builds."""
+        family = self.checkpoint["gencli"].get("family")
+        if family and family != family_built:
             raise ConfigError(
-                f"resume={self.path} holds a {family}, but this command builds a {type(model).__name__}. Resume with the "
+                f"resume={self.path} holds a {family}, but this command builds a {family_built}. Resume with the "
                 f"model settings the run was started with (its config is in the checkpoint and in the run's .hydra/ "
                 f"folder), or start a new run without resume=."
             )
+
+    def check_matches(self, model) -> None:
+        """The checkpoint must hold the model the command builds: the same class and tensor shapes."""
+        self.check_family(type(model).__name__)
         expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in self.checkpoint["state_dict"].items()}
         missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
@@ -73,7 +84,75 @@ def checkpoint_folder(cfg: DictConfig) -> Path:
     return Path(str(callback.get("dirpath") or Path(cfg.paths.output_dir) / "checkpoints"))
 
 
+#: What the pre-flight found, by (checkpoint folder, resume=), for the job of the same process to take up.
+_PREFLIGHT: dict[tuple[str, str], ResumePoint] = {}
+
+
+def _key(cfg: DictConfig) -> tuple[str, str]:
+    """resume=auto: the folder it looks in; resume=PATH: the file (a run folder named after the start time is named
+    again when Hydra composes, so the pre-flight's and the job's folders differ)."""
+    import os
+
+    value = str(cfg.get("resume"))
+    return (os.path.realpath(checkpoint_folder(cfg)) if value == "auto" else ""), value
+
+
+def preflight(cfg: DictConfig) -> ResumePoint | None:
+    """The checks of :func:`resume_point`, run by the CLI before Hydra writes anything into the run folder (a
+    refusal there leaves the folder as it was), plus the family check (the model's class against the
+    checkpoint's, without building the model). A checkpoint loaded here is kept for the job of this process."""
+    point = find_point(cfg)
+    if point is not None:
+        target = str((cfg.get("model") or {}).get("_target_") or "")
+        if target:
+            point.check_family(target.rsplit(".", 1)[-1])
+        model = model_outline(cfg, point)
+        if model is not None:
+            point.check_matches(model)
+        _PREFLIGHT[_key(cfg)] = point
+    return point
+
+
+def model_outline(cfg: DictConfig, point: ResumePoint):
+    """The model the command builds, on PyTorch's meta device (shapes, no memory, no initialisation), to compare
+    with the checkpoint before anything is written; None where it cannot be built that way here (the job then
+    builds it for real and checks it). A class-conditional model takes its classes from the data in the job:
+    here from the checkpoint's config, where the command leaves them open."""
+    import warnings
+
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    try:
+        node = OmegaConf.to_container(cfg.model, resolve=True)
+        stored = (point.checkpoint["gencli"].get("config") or {}).get("model") or {}
+        if node.get("conditional"):
+            for key in ("num_classes", "class_names"):
+                if node.get(key) is None and stored.get(key) is not None:
+                    node[key] = stored[key]
+        with warnings.catch_warnings(), torch.device("meta"):
+            warnings.simplefilter("ignore")
+            return instantiate(node)
+    except Exception as err:  # noqa: BLE001 - left to the job, which builds the model anyway
+        log.debug("resume pre-flight: the model could not be outlined on the meta device (%s)", err)
+        return None
+
+
 def resume_point(cfg: DictConfig) -> ResumePoint | None:
+    """The checkpoint this run continues from (None: a fresh start); refusals as one paragraph (module notes)."""
+    point = _PREFLIGHT.pop(_key(cfg), None)  # loaded by this process's pre-flight, the lock held since
+    if point is None:
+        point = find_point(cfg)
+    if point is not None:
+        if point.skipped:
+            log.warning("resume=auto: continuing from %s; skipped unreadable %s", point.path, "; ".join(point.skipped))
+        if not point.complete:
+            log.info("resuming from %s (step %d, epoch %s)", point.path, point.step, point.checkpoint.get("epoch"))
+    return point
+
+
+def find_point(cfg: DictConfig) -> ResumePoint | None:
     from gencli.sweep import in_multirun
 
     value = cfg.get("resume")
@@ -100,12 +179,10 @@ def resume_point(cfg: DictConfig) -> ResumePoint | None:
                 )
             log.info("resume=auto: no checkpoint in %s yet, starting a new run", folder)
             return None
-        if skipped:
-            log.warning("resume=auto: continuing from %s; skipped unreadable %s", path, "; ".join(skipped))
     else:
         path = checkpoint_path(str(value), key="resume")
-        checkpoint = load_checkpoint(path, key="resume")
-    point = ResumePoint(path=path, checkpoint=checkpoint)
+        checkpoint, skipped = load_checkpoint(path, key="resume"), []
+    point = ResumePoint(path=path, checkpoint=checkpoint, skipped=list(skipped))
     reached = limit_reached(cfg, checkpoint)
     if reached:
         if str(value) == "auto":
@@ -116,8 +193,6 @@ def resume_point(cfg: DictConfig) -> ResumePoint | None:
                 f"resume={path} already reached {reached}: continuing it would train nothing. Raise that limit "
                 "to train further (e.g. trainer.max_epochs=..., trainer.max_steps=..., trainer.max_time=...)."
             )
-    else:
-        log.info("resuming from %s (step %d, epoch %s)", path, point.step, checkpoint.get("epoch"))
     return point
 
 

@@ -28,6 +28,7 @@ from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
 from gencli.loggers import close, log_config, log_final_metrics
 from gencli.provenance import environment
+from gencli.runlock import hold
 from gencli.scaling import apply_batch_plan
 from gencli.sweep import ranks_run_this_job
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 
 
 def train(cfg: DictConfig) -> float | None:
+    # The run folder belongs to this run while it lives (gencli.runlock): gencli train's pre-flight took the lock
+    # before Hydra wrote into the folder; a job of a multirun (or a library caller) takes it here. DDP ranks
+    # started by Lightning's launcher share their launcher's.
+    with hold(cfg.paths.output_dir, "gencli train run"):
+        return fit(cfg)
+
+
+def fit(cfg: DictConfig) -> float | None:
     L.seed_everything(cfg.seed, workers=True)
     resume = resume_point(cfg)
     if resume is not None and resume.complete:

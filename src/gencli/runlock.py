@@ -1,0 +1,209 @@
+"""A run folder belongs to one run: an exclusive lock on ``<run folder>/.gencli.lock`` for the run's life.
+
+Two ``gencli train`` with the same run folder (a fixed ``run_name=``, ``hydra.run.dir=``, both with
+``resume=auto``...) would replace each other's checkpoints and interleave their metrics. So a run holds an
+OS lock (``fcntl.flock``) on the folder's lock file while it lives; a second run asking for the folder is
+refused in one paragraph naming the holder (pid, host, since when, its command) read from the file.
+
+- The lock belongs to the open file, not to the file's content: the OS drops it when the holding process
+  ends, however it ends (an exception, a signal, SIGKILL, an OOM kill). A lock file left by a dead process
+  is only a record of the last holder and never blocks. The file is never deleted (deleting a lock file
+  lets two processes lock two different files of the same name).
+- Taking the lock writes nothing until the run is accepted: :meth:`RunLock.probe` locks an existing lock
+  file without touching it (a refused command leaves the folder byte-for-byte as it was), and
+  :meth:`RunLock.claim`, once every pre-flight check passed, creates the folder and the file if needed and
+  writes the holder's record.
+- ``gencli train`` takes it in the pre-flight (:func:`gencli.config.precheck`), before Hydra creates the
+  folder or writes ``.hydra/``; a job of a multirun takes its own folder's lock in the job
+  (:func:`hold`), and releases it when the job ends (a joblib worker runs further jobs). Ranks that
+  Lightning's DDP launcher starts share the run and take no lock; under torchrun/SLURM only global rank 0
+  does (:func:`takes_locks`).
+- Where the file system cannot lock (some network file systems), the run goes on with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from gencli.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+LOCK_NAME = ".gencli.lock"
+
+#: Locks this process holds, by the folder's real path: a job finds the one its pre-flight took.
+_HELD: dict[str, RunLock] = {}
+
+#: errno values of a file system that offers no flock (NFS without lockd, Lustre without -o flock, ...).
+_UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
+
+
+def key_of(folder: Path | str) -> str:
+    return os.path.realpath(os.path.abspath(os.path.expanduser(str(folder))))
+
+
+def takes_locks() -> bool:
+    """Whether this process speaks for its run: not a rank that Lightning's DDP launcher started (its launcher
+    holds the lock), nor a rank other than global rank 0 that torchrun/SLURM/MPI started."""
+    if os.environ.get("LOCAL_RANK", "0") not in ("", "0"):
+        return False
+    for name in ("RANK", "SLURM_PROCID", "PMI_RANK", "OMPI_COMM_WORLD_RANK"):
+        value = os.environ.get(name, "")
+        if value.strip().isdigit() and int(value) != 0:
+            return False
+    return True
+
+
+def holder_record() -> dict:
+    """What the lock file says about its holder: this process."""
+    argv = list(sys.argv)
+    if argv and argv[0].endswith(("/gencli", "cli.py")):
+        argv[0] = "gencli"
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime()), "started": time.time(),
+            "command": shlex.join(argv)[:500]}
+
+
+def read_holder(path: Path) -> dict | None:
+    try:
+        record = json.loads(path.read_text(errors="replace")[:4096])
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+class RunLock:
+    """The lock of one run folder (see the module's notes)."""
+
+    def __init__(self, folder: Path | str, what: str = "run"):
+        self.folder = Path(os.path.abspath(os.path.expanduser(str(folder))))
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.fd: int | None = None
+        self.claimed = False
+
+    # ------------------------------------------------------------------ taking it
+    def probe(self) -> bool:
+        """Lock the folder's existing lock file without writing anything; False when there is none yet.
+        Another live holder: ConfigError naming it."""
+        if self.fd is not None:
+            return True
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)  # no O_CREAT, no O_TRUNC: the file stays as it is
+        except FileNotFoundError:
+            return False
+        except OSError as err:  # a folder we may not write into: left to the checks that say so
+            log.warning("cannot open %s (%s); the run folder is not locked", self.path, err.strerror)
+            return False
+        return self._lock(fd)
+
+    def claim(self) -> None:
+        """Hold the lock (creating the folder and its lock file if needed) and record this process as its holder.
+        Called once the run is accepted: from here on the run writes into the folder."""
+        if self.fd is None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                log.warning("cannot create %s (%s); the run folder is not locked", self.path, err.strerror)
+                return
+            self._lock(fd)
+        if self.fd is not None and not self.claimed:
+            data = (json.dumps(holder_record(), indent=1) + "\n").encode()
+            try:
+                os.lseek(self.fd, 0, os.SEEK_SET)
+                os.write(self.fd, data)
+                os.ftruncate(self.fd, len(data))
+            except OSError as err:  # a full disk: the lock still holds, only its record is missing
+                log.warning("could not record this run in %s (%s)", self.path, err.strerror)
+            self.claimed = True
+        _HELD[key_of(self.folder)] = self
+
+    def _lock(self, fd: int) -> bool:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no locking
+            os.close(fd)
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise self.busy() from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in _UNSUPPORTED:
+                log.warning("the file system of %s cannot lock files (%s): nothing stops a second run from using "
+                            "this run folder at the same time", self.folder, err.strerror)
+                return False
+            raise
+        self.fd = fd
+        return True
+
+    def busy(self) -> ConfigError:
+        """The refusal: one paragraph naming the holder and the fix."""
+        holder = read_holder(self.path)
+        if holder:
+            since = holder.get("since") or "?"
+            started = holder.get("started")
+            if isinstance(started, int | float):
+                since += f", {duration(time.time() - started)} ago"
+            who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, running since {since} "
+                   f"({str(holder.get('command', '?'))[:200]})")
+        else:
+            who = "another gencli process that has just started (it has not recorded itself yet)"
+        return ConfigError(
+            f"the run folder {self.folder} is in use by another {self.what}: {who}. Two runs in one folder would "
+            "replace each other's checkpoints and mix their metrics, so this one is refused and nothing in the folder "
+            "was changed. Wait until that run ends (or stop it: it saves and exits on Ctrl+C or SIGTERM) and run this "
+            "command again, or give this run its own folder (another run_name=, or drop run_name= / hydra.run.dir=)."
+        )
+
+    # ------------------------------------------------------------------ letting go
+    def release(self) -> None:
+        if _HELD.get(key_of(self.folder)) is self:
+            del _HELD[key_of(self.folder)]
+        if self.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)  # closing the file drops the lock (the file stays: see the module's notes)
+        self.fd, self.claimed = None, False
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 7200:
+        return f"{seconds // 60} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def held(folder: Path | str) -> RunLock | None:
+    """The lock this process holds on ``folder``, if any."""
+    return _HELD.get(key_of(folder))
+
+
+@contextlib.contextmanager
+def hold(folder: Path | str, what: str = "run") -> Iterator[RunLock | None]:
+    """Hold ``folder``'s lock for the block (a job of a multirun); a lock this process already holds (taken by
+    the pre-flight) is kept and left as it is; a process that does not speak for its run takes none."""
+    lock = held(folder)
+    if lock is not None or not takes_locks():
+        yield lock
+        return
+    lock = RunLock(folder, what)
+    lock.claim()
+    try:
+        yield lock
+    finally:
+        lock.release()
