@@ -8,8 +8,9 @@ that folder (or beside it, under outputs/<verb>/runs/) removes what stopped or k
 of a run that is still going.
 
 A small hook module (``sitecustomize.py`` on the subprocess's PYTHONPATH, written here) slows the deletion of the
-trash down for the second-Ctrl+C test, so the second signal arrives while the first is still being handled;
-nothing in gencli reads test-only settings itself.
+trash down for the second-Ctrl+C test, so the second signal arrives while the first is still being handled, and holds
+an export's weights file before its rename, so the signal arrives mid-export; nothing in gencli reads test-only
+settings itself.
 """
 
 from __future__ import annotations
@@ -41,6 +42,22 @@ if os.environ.get("GENCLI_TEST_SLOW_TRASH"):
         return real(path, deadline)
 
     io.remove_tree = slow_remove_tree
+
+if os.environ.get("GENCLI_TEST_SLOW_EXPORT"):
+    import contextlib
+    import gencli.io as io
+    real_write = io.atomic_write
+
+    @contextlib.contextmanager
+    def slow_write(path, mode="wb"):
+        with real_write(path, mode) as f:
+            yield f
+            if str(path).endswith(".safetensors"):  # written, not yet renamed into place: the test signals now
+                f.flush()
+                open(os.environ["GENCLI_TEST_SLOW_EXPORT"], "w").close()
+                time.sleep(60)
+
+    io.atomic_write = slow_write
 '''
 
 
@@ -219,3 +236,32 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run_beside_it_but_a_l
     result, seconds = signal_and_finish(live, signal.SIGTERM)
     assert_stopped(result, seconds, 143, "SIGTERM", "images/", "samples.npz")
     assert not [n for n in hidden(runs / "live") if not n.startswith(".trash.")]
+
+
+@pytest.mark.slow
+def test_a_signal_during_export_leaves_no_weights_and_the_next_export_cleans_its_out_folder(tiny_ckpt, start,
+                                                                                           tmp_path):
+    from gencli.io import HOST_TAG, leftover_owner
+
+    weights = tmp_path / "weights" / "model.safetensors"
+    folder = tmp_path / "outputs" / "export" / "runs" / "stopped"
+    marker = tmp_path / "export_is_writing"
+    proc = start("export", f"ckpt={tiny_ckpt}", f"out={weights}", "run_name=stopped",
+                 env={"GENCLI_TEST_SLOW_EXPORT": str(marker)})
+    wait_for(marker.exists, proc, what="the export writing its weights")
+    result, seconds = signal_and_finish(proc, signal.SIGTERM)
+    assert_stopped(result, seconds, 143, "SIGTERM", "model.safetensors", "export.json was not written")
+    assert sorted(p.name for p in weights.parent.iterdir()) == []  # no weights, no temp file
+    assert job_record(folder)["status"] == "interrupted"
+
+    # what a killed export left in out='s folder goes with the next export there; a live process's stays
+    dead = subprocess.Popen([sys.executable, "-S", "-c", "pass"])
+    dead.wait()
+    killed = weights.parent / f".model.safetensors.{dead.pid}@{HOST_TAG}.abcd1234.tmp"
+    live = weights.parent / f".model.json.{os.getpid()}@{HOST_TAG}.abcd1234.tmp"
+    for path in (killed, live):
+        path.write_bytes(b"partial")
+        assert leftover_owner(path.name)[0] == "temp"
+    again = gencli("export", f"ckpt={tiny_ckpt}", f"out={weights}", "run_name=again", cwd=tmp_path)
+    assert again.returncode == 0, describe(again)
+    assert sorted(p.name for p in weights.parent.iterdir()) == sorted([live.name, "model.json", "model.safetensors"])

@@ -99,7 +99,12 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         if stopper is not None:  # from here on a signal exits at once: the error is being reported
             stopper.finishing = stopper.finishing or "while the job's error was being reported"
         if isinstance(err, Stopped):
-            gencli_error = stopped_error(err.signum, verb, out_dir, time.perf_counter() - started, stopper.dropped())
+            try:
+                gencli_error = stopped_error(err.signum, verb, out_dir, time.perf_counter() - started,
+                                             stopper.dropped())
+            except Exception:  # noqa: BLE001 - the folder could not be described: the signal is still reported
+                gencli_error = Interrupted(f"gencli {verb} stopped by {signal.Signals(err.signum).name}; its "
+                                           "unfinished outputs were removed.", signum=err.signum)
         else:
             gencli_error = user_error(err)
         full = os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, Stopped)
@@ -239,8 +244,11 @@ def stopped_error(signum: int, verb: str, out_dir, seconds: float, dropped: list
     name = signal.Signals(signum).name
     parts = [f"gencli {verb} stopped by {name} ({SIGNAL_MEANING.get(name, 'a signal')}) after {seconds:.1f} s."]
     removed, pending = [], []
+    folder = Path(str(out_dir)) if out_dir else None
     for item in dropped:
-        what = item.target.name + ("/" if item.pending is not None or not item.target.suffix else "")
+        here = folder is not None and item.target.parent.resolve() == folder.resolve()
+        what = (item.target.name if here else str(item.target)) + ("/" if item.pending is not None or
+                                                                     not item.target.suffix else "")
         if item.written is not None and item.total is not None:
             what += f" ({item.written:,} of {item.total:,} images)"
         removed.append(what)
@@ -252,7 +260,6 @@ def stopped_error(signum: int, verb: str, out_dir, seconds: float, dropped: list
         parts.append(f"{', '.join(p.name for p in pending)} (trash) is being deleted in the background; the next "
                      "gencli run in that folder deletes whatever is left.")
     marker, advice = STOP_NOTES.get(verb, (None, "Run the same command again."))
-    folder = Path(str(out_dir)) if out_dir else None
     if folder is not None:
         records = {".hydra", f"{verb}.log", "job.json"}
         with contextlib.suppress(OSError):
