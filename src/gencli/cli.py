@@ -63,7 +63,12 @@ def main(argv: list[str] | None = None) -> None:
         # Run as 'python -m gencli.cli': the launcher re-runs 'python -m <__main__'s spec>', so
         # make that the job module (which has its own __main__ block), not the verb dispatcher.
         main_module.__spec__ = module.__spec__
-    module.main()
+    try:
+        module.main()
+    finally:  # the run is over: its folder is free (the OS would free it at exit; main() may be called in-process)
+        from gencli.runlock import release_all
+
+        release_all()
 
 
 #: Hydra's completion flags, routed to gencli's own (Hydra's would complete 'python', not 'gencli VERB').

@@ -188,6 +188,12 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
+def release_all() -> None:
+    """Let go of every lock this process holds (the CLI, once its run is over)."""
+    for lock in list(_HELD.values()):
+        lock.release()
+
+
 def held(folder: Path | str) -> RunLock | None:
     """The lock this process holds on ``folder``, if any."""
     return _HELD.get(key_of(folder))

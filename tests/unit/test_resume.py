@@ -170,3 +170,24 @@ def test_a_step_save_does_not_replace_the_validation_save_of_the_same_step(tmp_p
     # before the fix the step save marked both validations as done: no best-*.ckpt was ever written
     best = [p.name for p in (out / "checkpoints").glob("best-*.ckpt")]
     assert len(best) == 1 and int(best[0][-11:-5]) % steps_per_epoch == 0, best
+
+
+@pytest.mark.parametrize("family", ["ae", "gan", "ddpm"])
+def test_the_preflight_compares_shapes_without_training(tmp_path, family):
+    """The pre-flight (before Hydra writes into the run folder) builds the command's model on the meta device, or on
+    the CPU for a family that computes its noise schedule while it is built, and refuses other tensor shapes."""
+    from hydra.utils import instantiate
+
+    from gencli.jobs.resume import ResumePoint, model_outline
+
+    overrides = [*FAMILIES[family], "data.image_size=8"]
+    model = instantiate(compose_config("train", overrides, tmp_path).model)
+    point = ResumePoint(path=tmp_path / "last.ckpt", checkpoint={
+        "gencli": {"family": type(model).__name__, "config": {}}, "state_dict": model.state_dict()})
+    outline = model_outline(compose_config("train", overrides, tmp_path), point)
+    assert outline is not None
+    point.check_matches(outline)
+    wider = {"ae": "model.latent_dim=5", "gan": "model.generator.base_channels=16", "ddpm": "model.net.ch=16"}[family]
+    outline = model_outline(compose_config("train", [*overrides, wider], tmp_path), point)
+    with pytest.raises(ConfigError, match="does not fit the model this command builds"):
+        point.check_matches(outline)

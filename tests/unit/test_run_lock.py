@@ -305,3 +305,23 @@ def test_refused_runs_leave_the_folder_byte_for_byte(tmp_path):
         assert proc.returncode == exit_code, (extra, err[-2000:])
         assert needle in out + err, (extra, out[-500:], err[-500:])
         assert fingerprint(folder) == before, extra
+
+
+def test_the_cli_holds_the_folder_while_the_job_runs_and_frees_it_after(tmp_path, monkeypatch, released):
+    """The lock taken by the pre-flight is the one the job runs under (nothing is written by Hydra before it), and a
+    CLI call made in-process (tests, notebooks) frees it when the run is over."""
+    import gencli.jobs.train as train_job
+    from gencli.cli import main
+
+    folder = tmp_path / "run"
+    seen = {}
+
+    def job():
+        seen["held"] = runlock.held(folder) is not None
+        seen["holder"] = json.loads((folder / LOCK_NAME).read_text())["pid"]
+        seen["entries"] = sorted(p.name for p in folder.iterdir())
+
+    monkeypatch.setattr(train_job, "main", job)
+    main(["train", *TINY, f"hydra.run.dir={folder}"])
+    assert seen == {"held": True, "holder": os.getpid(), "entries": [LOCK_NAME]}
+    assert runlock.held(folder) is None and not runlock._HELD

@@ -114,10 +114,11 @@ def preflight(cfg: DictConfig) -> ResumePoint | None:
 
 
 def model_outline(cfg: DictConfig, point: ResumePoint):
-    """The model the command builds, on PyTorch's meta device (shapes, no memory, no initialisation), to compare
-    with the checkpoint before anything is written; None where it cannot be built that way here (the job then
-    builds it for real and checks it). A class-conditional model takes its classes from the data in the job:
-    here from the checkpoint's config, where the command leaves them open."""
+    """The model the command builds, on PyTorch's meta device (shapes, no memory, no initialisation) or, for a
+    family that computes numbers while it is built, on the CPU, to compare with the checkpoint before anything is
+    written; None where it cannot be built here (the job then builds it for real and checks it). A class-conditional
+    model takes its classes from the data in the job: here from the checkpoint's config, where the command leaves
+    them open."""
     import warnings
 
     import torch
@@ -131,12 +132,17 @@ def model_outline(cfg: DictConfig, point: ResumePoint):
             for key in ("num_classes", "class_names"):
                 if node.get(key) is None and stored.get(key) is not None:
                     node[key] = stored[key]
-        with warnings.catch_warnings(), torch.device("meta"):
-            warnings.simplefilter("ignore")
-            return instantiate(node)
     except Exception as err:  # noqa: BLE001 - left to the job, which builds the model anyway
-        log.debug("resume pre-flight: the model could not be outlined on the meta device (%s)", err)
+        log.debug("resume pre-flight: the model config could not be read here (%s)", err)
         return None
+    for device in ("meta", "cpu"):  # a family that computes numbers while it is built (a noise schedule): on the CPU
+        try:
+            with warnings.catch_warnings(), torch.random.fork_rng(devices=[]), torch.device(device):
+                warnings.simplefilter("ignore")
+                return instantiate(node)
+        except Exception as err:  # noqa: BLE001 - left to the job, which builds the model anyway
+            log.debug("resume pre-flight: the model could not be built on %s (%s)", device, err)
+    return None
 
 
 def resume_point(cfg: DictConfig) -> ResumePoint | None:
