@@ -171,9 +171,8 @@ def failure_reason(err: BaseException, limit: int = 300) -> str:
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."
 
 
-def fallback_message(name: str, net: torch.nn.Module, reason: str, backward: bool, channels_last: bool) -> str:
-    """The one paragraph printed when a net falls back to eager."""
-    where = "the backward pass of its first compiled call" if backward else "its first compiled call"
+def fallback_message(name: str, net: torch.nn.Module, reason: str, where: str, channels_last: bool) -> str:
+    """The one paragraph printed when a net falls back to eager (``where``: which call or pass failed)."""
     hint = ""
     if channels_last and "stride" in reason:
         hint = (f"With hardware.channels_last=true such a stride assertion is most likely torch's {CHANNELS_LAST_ISSUE}; "
@@ -207,10 +206,12 @@ class CompileGuard:
     """Runs a net's compiled callable for its first :data:`GUARDED_CALLS` calls and falls back to eager for good
     when torch.compile fails there (:func:`is_compile_failure`), while compiling or running the first compiled step.
 
-    - A call that compiles a new graph with gradients on also runs that graph's backward once
-      (``torch.autograd.grad`` with ``retain_graph``: no ``.grad`` is touched), because the errors of a compiled
-      backward (such as Inductor's stride assertions in ``convolution_backward``) would otherwise surface in the
-      training step's ``loss.backward()``, too late to run that net's call again.
+    - With gradients on, each call whose inputs are new to the guard (shapes, dtypes, strides, which of them and of
+      the net's parameters need gradients, train/eval, autocast: what makes torch.compile compile another graph)
+      is first run as a trial, forward and backward (:meth:`_trial`), because the errors of a compiled backward
+      (such as Inductor's stride assertions in ``convolution_backward``, pytorch/pytorch#171622) would otherwise
+      surface in the training step's ``loss.backward()``, too late to run that net's call again. The trial compiles
+      the graphs; the real call then runs them.
     - On a failure the net's buffers (batch-norm statistics) are put back as they were before the call, the call is
       run again eagerly and its result returned, ``install(None)`` makes the net eager, ``report[name]`` says
       ``fell back (reason)`` and one paragraph is logged. An error the eager call raises too is the net's own: it
@@ -229,6 +230,7 @@ class CompileGuard:
         self.calls_left = calls
         self.probe_backward = probe_backward
         self.fell_back: str | None = None
+        self.tried: set = set()
         report[name] = "compiled"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -239,14 +241,15 @@ class CompileGuard:
             self.install(self.compiled)
             return self.compiled(*args, **kwargs)
         saved = [b.detach().clone() for b in self.net.buffers()]
-        graphs = _graphs_compiled()
-        backward = False
+        self.stage = "its first compiled call"
         try:
-            out = self.compiled(*args, **kwargs)
-            if self.probe_backward and torch.is_grad_enabled() and _graphs_compiled() != graphs:
-                backward = True
-                self._try_backward(out, args, kwargs)
-            return out
+            if self.probe_backward and torch.is_grad_enabled():
+                key = self._signature(args, kwargs)
+                if key not in self.tried:
+                    self._trial(args, kwargs, saved)
+                    self.tried.add(key)
+            self.stage = "its first compiled call"
+            return self.compiled(*args, **kwargs)
         except Exception as err:
             if not is_compile_failure(err):
                 raise
@@ -258,16 +261,41 @@ class CompileGuard:
         out = self.eager(*args, **kwargs)  # an error here is the net's own, eager or not
         self.fell_back = failure_reason(failure)
         self.report[self.name] = f"fell back ({self.fell_back})"
-        log.warning(fallback_message(self.name, self.net, self.fell_back, backward, self.channels_last))
+        log.warning(fallback_message(self.name, self.net, self.fell_back, self.stage, self.channels_last))
         return out
 
-    def _try_backward(self, out: Any, args: tuple, kwargs: dict) -> None:
-        outputs = [t for t in _tensors(out) if t.requires_grad and t.grad_fn is not None]
+    def _signature(self, args: tuple, kwargs: dict) -> tuple:
+        """What decides which graph torch.compile runs for this call (as far as a cheap look can tell)."""
+        tensors = tuple((tuple(t.shape), t.dtype, t.stride(), t.requires_grad, t.device.type)
+                        for t in _tensors((args, kwargs)))
+        autocast = tuple(torch.is_autocast_enabled(kind) for kind in ("cpu", "cuda"))
+        return (self.net.training, autocast, tuple(p.requires_grad for p in self.net.parameters()), tensors)
+
+    def _trial(self, args: tuple, kwargs: dict, saved: list[torch.Tensor]) -> None:
+        """Run the compiled net on this call's inputs, forward and backward (``torch.autograd.grad``: the gradients
+        are returned and dropped, no ``.grad`` is touched), then put the random state and the buffers back, so the
+        trial leaves no trace in the run. Before the real call, not after it: the real call's autograd graph keeps
+        the buffers (batch norm's running statistics), which a later in-place update would invalidate, and compiled
+        backward graphs refuse a second backward (``retain_graph``). A trial that runs out of memory is skipped."""
         inputs = [p for p in self.net.parameters() if p.requires_grad]
         inputs += [t for t in _tensors((args, kwargs)) if t.requires_grad]
-        if outputs and inputs:
-            torch.autograd.grad(outputs, inputs, grad_outputs=[torch.ones_like(t) for t in outputs],
-                                retain_graph=True, allow_unused=True)
+        devices = sorted({t.device.index or 0 for t in inputs if t.device.type == "cuda"})
+        try:
+            with torch.random.fork_rng(devices=devices):
+                self.stage = "its first compiled call"
+                trial = self.compiled(*args, **kwargs)
+                outputs = [t for t in _tensors(trial) if t.requires_grad]
+                if outputs and inputs:
+                    self.stage = "the backward pass of its first compiled call"
+                    torch.autograd.grad(outputs, inputs, grad_outputs=[torch.ones_like(t) for t in outputs],
+                                        allow_unused=True)
+                del trial, outputs
+        except torch.OutOfMemoryError:
+            log.debug("the compile guard's trial of %s ran out of memory; skipped", self.name)
+        finally:
+            with torch.no_grad():
+                for buffer, value in zip(self.net.buffers(), saved):
+                    buffer.copy_(value)
 
 
 def guard_compiled_module(net: torch.nn.Module, name: str, report: dict[str, str], channels_last: bool = False,
@@ -291,14 +319,17 @@ def compile_record(model: torch.nn.Module) -> dict[str, Any]:
     report = getattr(model, "compile_report", None)
     if not report:
         return {"compile": False}
-    return {"compile": fallback_summary(report) or "compiled", "compile_nets": dict(report)}
+    others = {name: state for name, state in report.items() if state != "compiled" and not state.startswith("fell")}
+    state = fallback_summary(report) or ("compiled (except " + "; ".join(f"{name}: {why}" for name, why in others.items())
+                                         + ")" if others else "compiled")
+    return {"compile": state, "compile_nets": dict(report)}
 
 
 def fallback_summary(report: dict[str, str]) -> str | None:
     """``fell back (reason)`` for one net that fell back to eager, ``fell back (net: reason; net: reason)`` for
     several; None when every net in ``report`` (name -> state, from the guards) stayed compiled."""
     failed = {name: state.removeprefix("fell back (").removesuffix(")") for name, state in report.items()
-              if state != "compiled"}
+              if state.startswith("fell back (")}
     if not failed:
         return None
     if len(failed) == 1 and len(report) == 1:
