@@ -158,3 +158,63 @@ def test_dcgan_recipe_through_inductor(cifar_root, tmp_path, monkeypatch):
     state = torch.load(tmp_path / "train" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
     torch._dynamo.reset()
+
+
+def _backward_fails(gm, example_inputs):
+    def run(args):
+        raise AssertionError("expected size 256==256, stride 16==1 at dim=1\nError in op: "
+                             "torch.ops.aten.convolution_backward.default")
+
+    run._boxed_call = True
+    return run
+
+
+def test_the_compile_guard_through_the_train_and_sample_jobs(mnist_root, tmp_path, monkeypatch, caplog):
+    """A backend whose compiled backward fails (as Inductor's did on the GPU): gencli train trains on, prints one
+    paragraph per net, metrics.json says compile: "fell back (...)", and the weights equal a hardware.compile=false
+    run's bit for bit; gencli sample records its own fallback in sample.json."""
+    import logging
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    import gencli.hardware
+
+    from gencli.jobs.train import train
+
+    recipe = ["experiment=gan_mnist_cpu", *SHRINK["gan_mnist_cpu"], f"data.root={mnist_root}"]
+    cfg = compose_config("train", [*recipe, *GPU_PROFILE, *ONE_STEP, *SMALL_DATA, "hardware.compile=false"],
+                         tmp_path / "eager")
+    cfg.trainer.limit_train_batches = 3  # past the first step, where the guard's trials run
+    train(cfg)
+    monkeypatch.setattr(gencli.hardware, "compile_backend",
+                        aot_autograd(fw_compiler=lambda gm, example_inputs: gm, bw_compiler=_backward_fails))
+    torch._dynamo.reset()
+    with caplog.at_level(logging.WARNING, logger="gencli.hardware"):
+        cfg = compose_config("train", [*recipe, *GPU_PROFILE, *ONE_STEP, *SMALL_DATA], tmp_path / "guarded")
+        cfg.trainer.limit_train_batches = 3
+        train(cfg)
+    metrics = json.loads((tmp_path / "guarded" / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 6  # 3 batches, a D and a G step each
+    assert metrics["compile"].startswith("fell back (generator: AssertionError: expected size 256==256"), metrics
+    assert metrics["compile_nets"]["discriminator"].startswith("fell back (AssertionError")
+    paragraphs = [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+    assert len(paragraphs) == 2 and all("hardware.compile=false" in p for p in paragraphs)
+    eager = torch.load(tmp_path / "eager" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    guarded = torch.load(tmp_path / "guarded" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
+    assert list(guarded) == list(eager)
+    for key in eager:
+        assert torch.equal(guarded[key], eager[key]), key
+
+    def fails_to_compile(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(gencli.hardware, "compile_backend", fails_to_compile)
+    torch._dynamo.reset()
+    from gencli.jobs.sample import sample
+
+    cfg = compose_config("sample", [f"ckpt={tmp_path / 'guarded' / 'checkpoints' / 'last.ckpt'}", "n=2",
+                                    "batch_size=2", "device=cpu", "hardware=gpu_fast"], tmp_path / "sample")
+    sample(cfg)
+    hardware = json.loads((tmp_path / "sample" / "sample.json").read_text())["sampling"]["hardware"]
+    assert hardware["compile"].startswith("fell back (RuntimeError: no compiler here"), hardware
+    torch._dynamo.reset()
