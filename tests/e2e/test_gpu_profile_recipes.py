@@ -178,7 +178,6 @@ def test_the_compile_guard_through_the_train_and_sample_jobs(mnist_root, tmp_pat
     from torch._dynamo.backends.common import aot_autograd
 
     import gencli.hardware
-
     from gencli.jobs.train import train
 
     recipe = ["experiment=gan_mnist_cpu", *SHRINK["gan_mnist_cpu"], f"data.root={mnist_root}"]
