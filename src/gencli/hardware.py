@@ -4,6 +4,12 @@ The same model and trainer configs run on a laptop CPU and on an H100; what chan
 here: numeric precision, TF32 matmuls, channels-last memory layout, ``torch.compile``, the optimiser's
 update kernel (one fused kernel or one tensor at a time), and how many loader workers feed the GPU. Precision, workers and pin-memory reach the trainer and data
 configs by interpolation (``${hardware.precision}``); the rest is applied by :meth:`apply`.
+
+Each compiled net goes through a :class:`CompileGuard` for its first calls: if torch.compile fails on it (Dynamo,
+Inductor, a backend, an assertion in Inductor's generated code, in the forward or the backward pass), that net runs
+eagerly from then on, one paragraph says so, and metrics.json records ``compile: "fell back (reason)"``
+(:func:`compile_record`). ``gencli sample`` / ``eval`` do the same for the sampling net
+(:mod:`gencli.sampling_hardware`).
 """
 
 from __future__ import annotations
