@@ -9,10 +9,15 @@ here.
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import functools
 import io
+import json
+import os
 import pickle
 import re
 import shlex
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +75,23 @@ def trained(tmp_path_factory) -> Path:
     return folder / "outputs" / "train" / "runs" / "fixture" / "checkpoints" / "last.ckpt"
 
 
+@functools.lru_cache(maxsize=1)
+def crafted_study_bytes() -> bytes:
+    """optuna.db of a study 'ae' whose trial 0, left RUNNING, carries a parameter hparams_search=ae_optuna does not
+    declare (as a stranger's copied sweep folder could); built once with Optuna's own API, copied per row."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with tempfile.TemporaryDirectory() as folder:
+        db = Path(folder) / "optuna.db"
+        study = optuna.create_study(study_name="ae", storage=f"sqlite:///{db}")
+        trial = study.ask()
+        for name, value in (("model.latent_dim", 16), ("model.noise_std", 0.1), ("model.optimizer.lr", 0.001),
+                            ("hydra.job_logging.handlers.file.filename", "/tmp/gencli_owned.log")):
+            trial.suggest_categorical(name, [value])
+        return db.read_bytes()
+
+
 def make_files(tmp: Path, ckpt: Path) -> dict[str, str]:
     files = {"ckpt": str(ckpt), "tmp": str(tmp), "missing": str(tmp / "missing.ckpt")}
     (tmp / "notes.ckpt").write_text("my notes, not weights")
@@ -120,6 +142,25 @@ def make_files(tmp: Path, ckpt: Path) -> dict[str, str]:
         folder = tmp / "outputs" / "train" / "runs" / name / "checkpoints"
         folder.mkdir(parents=True)
         (folder / "last.ckpt").write_bytes(content)
+    # sweep folders whose optuna.db is crafted (a trial with an undeclared parameter) or not a database at all
+    for name, content in (("crafted_study", crafted_study_bytes()), ("garbage_study", b"not a database")):
+        (tmp / name).mkdir()
+        (tmp / name / "optuna.db").write_bytes(content)
+        files[name] = str(tmp / name)
+    # a run folder held by another run (gencli.runlock): its lock file, locked for the rest of this process
+    busy = tmp / "outputs" / "train" / "runs" / "busy"
+    busy.mkdir(parents=True)
+    (busy / ".gencli.lock").write_text(json.dumps({"pid": 4242, "host": "elsewhere", "since": "2026-01-01 00:00:00",
+                                                   "command": "gencli train run_name=busy"}))
+    fd = os.open(busy / ".gencli.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # flock locks belong to the open file: the CLI's own open in this process conflicts
+    files["busy"] = str(busy)
+    # 8x8 samples whose labels array holds a class no data set has (10**12 at index 3)
+    labels = np.arange(8) % 10
+    labels[3] = 10**12
+    np.savez(tmp / "bad_labels.npz", images=np.random.default_rng(0).integers(0, 256, (8, 8, 8), dtype=np.uint8),
+             labels=labels)
+    files["bad_labels_npz"] = str(tmp / "bad_labels.npz")
     return files
 
 
