@@ -256,6 +256,8 @@ def load_inputs(cfg: DictConfig, model, checkpoint: dict) -> tuple[torch.Tensor,
 
     source = FileSource(str(cfg.input), model.image_shape, n=cfg.n, data_name="the model's data", key="input",
                         minimum=1)
+    if model.conditional:  # a label no class has would silently fall back to the default class plan
+        source.check_labels(model.num_classes, f"ckpt={cfg.ckpt}")
     return torch.cat([images for images, _ in source.stream(256)]), source.labels_for(0, source.n)
 
 

@@ -243,7 +243,8 @@ class FileSource(ImageSource):
         others = f" ({count - 1} more label(s) are out of range too)" if count > 1 else ""
         valid = (f"0..{int(num_classes) - 1}, the {int(num_classes)} classes of {whose}" if num_classes is not None
                  else "class indices 0, 1, 2, ... (never negative)")
-        what = "the real images' classes" if self.key == "ref" else "the class each image was generated as"
+        what = {"ref": "the real images' classes", "input": "the class of each input image"}.get(
+            self.key, "the class each image was generated as")
         raise ConfigError(
             f"{self.key}={self.path} holds the class label {labels[index].item()} at index {index} (image {index})"
             f"{others}; its 'labels' array gives {what} and must hold {valid}. Fix or regenerate the file (gencli "
