@@ -158,6 +158,30 @@ def check_group_overrides(overrides: list[str], config_name: str | None = None) 
                 )
 
 
+def check_null_group_choices(args: list[str], config_name: str | None) -> None:
+    """``logger=null``: Hydra takes a group's choice as a file name and fails with a ValueError traceback on null
+    (``--cfg job`` included, so this runs before the flags that skip the rest of the pre-flight)."""
+    groups = set(config_groups())
+    own = primary_defaults(config_name) if config_name else {}
+    for arg in args:
+        key, _, value = arg.partition("=")
+        if own and key.lstrip("+") not in own:
+            continue  # not this verb's group: check_group_overrides says so
+        if value == "null" and not key.startswith(("~", "-")) and key.lstrip("+") in groups:
+            raise null_group_choice(key.lstrip("+"), config_name)
+
+
+def null_group_choice(key: str, config_name: str | None) -> ConfigError:
+    options = group_options(key)
+    if "none" in options:
+        fix = f"{key}=none turns it off (conf/{key}/none.yaml)"
+    elif config_name and key in optional_groups(config_name):
+        fix = f"leave {key}= out (it is optional), or write ~{key} to drop a choice made elsewhere"
+    else:
+        fix = f"choose one of {', '.join(options)}"
+    return ConfigError(f"{key}=null: a config group is chosen by the name of one of its files, not null; {fix}.")
+
+
 # ----------------------------------------------------------------------------- the pre-flight check
 HYDRA_FLAGS_WITHOUT_A_RUN = ("--help", "-h", "--hydra-help", "--cfg", "-c", "--info", "-i", "--shell-completion", "-sc",
                              "--resolve", "-p", "--package")
@@ -241,6 +265,7 @@ def precheck(verb: str, config_name: str, args: list[str]) -> list[str]:
     from gencli.sweep import check_sweeper
 
     args = quote_unlexable(args)
+    check_null_group_choices(args, config_name)
     for arg in args:
         if arg.split("=", 1)[0].lstrip("+~") == "ckpt_path" and verb == "train":
             raise ConfigError(f"{arg}: gencli train continues a run with resume=PATH (or resume=auto for the run "
