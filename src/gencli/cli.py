@@ -23,6 +23,18 @@ USAGE = "usage: gencli {" + ",".join(VERBS) + "} [hydra overrides...] [--help] [
 
 
 def main(argv: list[str] | None = None) -> None:
+    """The entry point. A Ctrl+C before a job installs its own handlers (imports, the pre-flight, Hydra's set-up
+    take seconds) is one line and exit 130, not a KeyboardInterrupt traceback; nothing has been written then."""
+    stage = {"job": False}
+    try:
+        dispatch(argv, stage)
+    except KeyboardInterrupt:
+        where = "while the job was starting" if stage["job"] else "before the job started; nothing was written"
+        print(f"gencli: stopped by Ctrl+C (SIGINT) {where}.", file=sys.stderr)
+        sys.exit(130)
+
+
+def dispatch(argv: list[str] | None, stage: dict) -> None:
     import importlib
     import signal
 
@@ -63,6 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         # Run as 'python -m gencli.cli': the launcher re-runs 'python -m <__main__'s spec>', so
         # make that the job module (which has its own __main__ block), not the verb dispatcher.
         main_module.__spec__ = module.__spec__
+    stage["job"] = True
     try:
         module.main()
     finally:  # the run is over: its folder is free (the OS would free it at exit; main() may be called in-process)
