@@ -152,6 +152,8 @@ RANGES: dict[str, dict[str, Range]] = {
     "gencli.callbacks.SampleGrid": {"every_n_steps": NON_NEGATIVE, "n": POSITIVE},
     "gencli.callbacks.GANMonitor": {"every_n_steps": POSITIVE, "n": Range(ge=2), "collapse_ratio": NON_NEGATIVE,
                                     "d_win_fraction": Range(ge=0, le=1), "d_win_checks": POSITIVE},
+    "gencli.callbacks.Throughput": {"warmup_steps": Range(ge=0, means="the training batches left out of the "
+                                                       "measurement (e.g. 20), or 0 to time them all")},
     "gencli.callbacks.SampleQuality": {"every_n_epochs": NON_NEGATIVE, "n": Range(ge=2), "batch_size": POSITIVE,
                                        "reference_n": Range(ge=2, means="the first n real images of the split; null: "
                                                             "the whole split")},

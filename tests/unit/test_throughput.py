@@ -132,9 +132,14 @@ def test_batch_images_reads_any_batch_layout():
     assert batch_images({"image": x}) == 5 and batch_images(torch.arange(7)) == 7 and batch_images("?") == 0
 
 
-def test_negative_warmup_is_a_config_error():
-    with pytest.raises(ConfigError, match="warmup_steps=-1"):
-        Throughput(warmup_steps=-1)
+def test_negative_warmup_is_refused_by_the_schema():
+    from omegaconf import OmegaConf
+
+    from gencli.schema import validate
+
+    with pytest.raises(ConfigError, match="callbacks.throughput.warmup_steps=-1 is not valid: it must be >= 0"):
+        validate(OmegaConf.create({"callbacks": {"throughput": {"_target_": "gencli.callbacks.Throughput",
+                                                                 "warmup_steps": -1}}}), "train")
 
 
 def test_default_callbacks_include_it():

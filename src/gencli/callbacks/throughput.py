@@ -66,11 +66,7 @@ def last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
 
 class Throughput(L.Callback):
     def __init__(self, warmup_steps: int = 20, clock=time.perf_counter):
-        if int(warmup_steps) < 0:
-            from gencli.errors import ConfigError
-
-            raise ConfigError(f"callbacks.throughput.warmup_steps={warmup_steps} is negative; give the number of "
-                              "training batches to leave out of the measurement (e.g. 20), or 0 to time them all.")
+        # (a negative warm-up is refused by the pre-flight schema: gencli.schema's Throughput range)
         self.warmup_steps = int(warmup_steps)
         self._clock = clock
         #: the measurement once training ended (metrics.json's ``throughput``); None before
