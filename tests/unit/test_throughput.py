@@ -154,3 +154,43 @@ def test_default_callbacks_include_it():
         cfg = compose(config_name="train", overrides=["callbacks=minimal"])
     cb = instantiate(cfg.callbacks.throughput)
     assert isinstance(cb, Throughput) and cb.warmup_steps == 20
+
+
+def test_validation_after_the_last_batch_is_not_taken_off_the_window():
+    """The end-of-epoch validation after the last training batch runs once the clock has stopped: only the one inside
+    the window (after batch 5) is paused out. Taking both off left a window of 4 - 7 s (was clamped to 1e-9 s and
+    reported 3.2e10 images/s)."""
+    clock = FakeClock()
+    cb = Throughput(warmup_steps=2, clock=clock)
+    fit(cb, clock, batches=10, batch=4, val=True)  # validation after batch 5 (timed) and batch 10 (after the window)
+    r = cb.report
+    assert r["timed_batches"] == 8 and r["images"] == 32
+    assert r["validation_excluded_s"] == pytest.approx(7.0)
+    assert r["seconds"] == pytest.approx(4.0)
+    assert r["images_per_s"] == pytest.approx(8.0)
+
+
+def test_a_window_without_positive_time_says_why_instead_of_a_number():
+    """A clock that does not advance (or goes back) gives no rate: the report says why, it does not divide by a
+    made-up 1e-9 s."""
+    clock = FakeClock()
+
+    class Frozen(Tiny):
+        def training_step(self, batch, batch_idx):
+            return self.layer(batch[0]).pow(2).mean()  # the fake clock never moves
+
+    cb = Throughput(warmup_steps=1, clock=clock)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[cb])
+    trainer.fit(Frozen(clock), train_dataloaders=DataLoader(TensorDataset(torch.randn(12, 4)), batch_size=4))
+    r = cb.report
+    assert r["images_per_s"] is None and r["timed_batches"] == 2
+    assert "0 s" in r["reason"] and "clock" in r["reason"]
+    assert "not measured" in Throughput.line(r)
+
+
+def test_the_device_wait_is_the_shared_one():
+    """The callback waits for the device with gencli.metrics.timing's helper (the one TimeSplit uses)."""
+    from gencli.metrics import timing
+
+    assert tp.synchronize is timing.synchronize

@@ -1,13 +1,15 @@
 """Throughput: how fast training ran, measured by the run itself (images/s and optimiser steps/s after a warm-up).
 
 The first ``warmup_steps`` training batches of a run (or of a resumed run's process) are not timed: they hold
-torch.compile's compiling, cuDNN's autotuning, the first allocations and the data loader's start. The clock starts
-at the end of batch ``warmup_steps`` and stops at the end of the last training batch (so the final checkpoint and
-sample grid are not in it; a run stopped early stops it when training ends); validation loops (and the sample
-metrics that run in them) are paused out, so the number is the training loop's own: the forward, backward and optimiser steps plus
-whatever callbacks and loaders add per batch (checkpoints and sample grids inside the window are included, as a run
-pays them). The device is synchronised only at those boundaries (start, each validation's start and end, the end),
-never per step, so measuring costs nothing per step beyond counting the batch's images.
+torch.compile's compiling, cuDNN's autotuning, the first allocations and the data loader's start. The clock starts at
+the end of batch ``warmup_steps`` and stops at the end of the last training batch (so the final checkpoint and sample
+grid are not in it; a run stopped early stops it when training ends); validation loops inside the window (and the
+sample metrics that run in them) are paused out (the end-of-epoch one after the last batch is already outside), so the
+number is the training loop's own: the forward, backward and optimiser steps plus whatever callbacks and loaders add
+per batch (checkpoints and sample grids inside the window are included, as a run pays them). The device is
+synchronised only at those boundaries (start, each validation's start and end, the end), never per step, so measuring
+costs nothing per step beyond counting the batch's images. A window without positive time (a clock that did not
+advance) reports no rate and says why, rather than a number.
 
 ``images_per_s`` counts the images of every device (the per-device batch times the number of processes), real images
 for a GAN (one batch however many optimiser steps it takes); ``optimizer_steps_per_s`` follows ``trainer.global_step``
@@ -25,6 +27,8 @@ from typing import Any
 
 import lightning as L
 import torch
+
+from gencli.metrics.timing import synchronize
 
 log = logging.getLogger(__name__)
 
@@ -45,14 +49,6 @@ def batch_images(batch: Any) -> int:
             if n:
                 return n
     return 0
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work (a no-op on a CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    elif device.type == "mps":
-        torch.mps.synchronize()
 
 
 def last_batch(trainer: L.Trainer, batch_idx: int) -> bool:
@@ -106,7 +102,10 @@ class Throughput(L.Callback):
             self._begin(trainer)
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._start is not None and not trainer.sanity_checking and self._pause_start is None:
+        # only a validation inside the window is paused out: the one after the last batch (the end of the last
+        # epoch) runs once the clock has stopped, and taking it off would shrink the window below zero
+        if (self._start is not None and self._stop is None and not trainer.sanity_checking
+                and self._pause_start is None):
             self._pause_start = self._now(trainer)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -126,18 +125,23 @@ class Throughput(L.Callback):
             self.on_validation_end(trainer, pl_module)  # a validation cut short by the end of training
             stop = self._stop if self._stop is not None else self._now(trainer)  # stopped early: now
             seconds = stop - self._start - self._paused
-            seconds = max(seconds, 1e-9)
             steps = trainer.global_step - self._start_step
-            self.report = {
-                **base,
-                "images_per_s": self._images * trainer.world_size / seconds,
-                "optimizer_steps_per_s": steps / seconds,
-                "batches_per_s": timed / seconds,
-                "images": self._images * trainer.world_size,
-                "optimizer_steps": steps,
-                "seconds": seconds,
-                "validation_excluded_s": self._paused,
-            }
+            if seconds <= 0:
+                self.report = {**base, "images_per_s": None, "reason": (
+                    f"the {max(timed, 0)} timed batches took {seconds:g} s by the clock ({stop - self._start:g} s "
+                    f"from the window's start to its end, {self._paused:g} s of validation inside it): no rate can "
+                    "be computed from a window without positive time")}
+            else:
+                self.report = {
+                    **base,
+                    "images_per_s": self._images * trainer.world_size / seconds,
+                    "optimizer_steps_per_s": steps / seconds,
+                    "batches_per_s": timed / seconds,
+                    "images": self._images * trainer.world_size,
+                    "optimizer_steps": steps,
+                    "seconds": seconds,
+                    "validation_excluded_s": self._paused,
+                }
         if trainer.is_global_zero:
             log.info(self.line(self.report))
 

@@ -35,6 +35,18 @@ PARTS = ("generation", "features", "io", "setup", "metrics")
 _ACTIVE: contextvars.ContextVar[TimeSplit | None] = contextvars.ContextVar("gencli_time_split", default=None)
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on a CPU); shared by the time split and the training throughput.
+
+    Before CUDA has started nothing can be queued on it: waiting would start CUDA here, between two parts, where its
+    seconds would count for no part (they belong to setup, where the model moves to the device)."""
+    if device.type == "cuda":
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 class TimeSplit:
     """Wall seconds per part of a job, each boundary synchronised with ``device`` when it is a GPU."""
 
@@ -49,10 +61,7 @@ class TimeSplit:
         self._stack: list[list[Any]] = []  # [part, since] of the parts entered and not left
 
     def sync(self) -> None:
-        # Before CUDA has started nothing can be queued on it: waiting would start CUDA here, between two parts,
-        # where its seconds would count for no part (they belong to setup, where the model moves to the device).
-        if self.device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_initialized():
-            torch.cuda.synchronize(self.device)
+        synchronize(self.device)
 
     @contextlib.contextmanager
     def part(self, name: str, images: int = 0) -> Iterator[None]:
