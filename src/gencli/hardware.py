@@ -5,7 +5,7 @@ here: numeric precision, TF32 matmuls, channels-last memory layout, ``torch.comp
 update kernel (one fused kernel or one tensor at a time), and how many loader workers feed the GPU. Precision, workers and pin-memory reach the trainer and data
 configs by interpolation (``${hardware.precision}``); the rest is applied by :meth:`apply`.
 
-Each compiled net goes through a :class:`CompileGuard` for its first calls: if torch.compile fails on it (Dynamo,
+Each compiled net goes through a :class:`CompileGuard`: if torch.compile fails on it (Dynamo,
 Inductor, a backend, an assertion in Inductor's generated code, in the forward or the backward pass), that net runs
 eagerly from then on, one paragraph says so, and metrics.json records ``compile: "fell back (reason)"``
 (:func:`compile_record`). ``gencli sample`` / ``eval`` do the same for the sampling net
@@ -128,10 +128,13 @@ class HardwareSettings:
 
 
 # ----------------------------------------------------------------------------- the compile guard
-#: How many calls of a compiled net the guard watches before it steps aside (the first training steps: a GAN's
-#: discriminator is called three times a step, so 16 calls cover its first five steps and every requires_grad
-#: pattern the steps use; each new graph compiled in that window also has its backward pass tried).
+#: How many calls of a compiled net the guard watches closely (the first training steps: a GAN's discriminator is
+#: called three times a step, so 16 calls cover its first five steps and every requires_grad pattern the steps use;
+#: each new graph compiled in that window also has its backward pass tried, and the buffers are copied to be put
+#: back). Later calls are only caught if they fail (:class:`CompileGuard`).
 GUARDED_CALLS = 16
+#: Where a failure after the watched calls happened, as the fallback paragraph says it.
+LATER_CALL = "a later compiled call (a graph compiled after its first calls: eval mode, a new shape, ...)"
 #: Where torch's compiler lives: an error whose traceback passes through these came out of torch.compile's machinery
 #: (Dynamo, AOTAutograd, Inductor, the code Inductor generated), not out of the net's own code alone.
 _COMPILER_PATHS = tuple(os.sep + os.path.join("torch", part) + os.sep for part in ("_dynamo", "_inductor", "_functorch",
@@ -199,30 +202,29 @@ def _tensors(value: Any) -> list[torch.Tensor]:
     return []
 
 
-def _graphs_compiled() -> int:
-    """How many graphs Dynamo has compiled in this process (grows when a call compiles)."""
-    try:
-        from torch._dynamo.utils import counters
-    except ImportError:  # pragma: no cover
-        return 0
-    return int(counters["stats"]["unique_graphs"])
-
-
 class CompileGuard:
-    """Runs a net's compiled callable for its first :data:`GUARDED_CALLS` calls and falls back to eager for good
-    when torch.compile fails there (:func:`is_compile_failure`), while compiling or running the first compiled step.
+    """Stands in front of a net's compiled callable for the whole run and falls back to eager for good when
+    torch.compile fails on it (:func:`is_compile_failure`), while compiling or running a compiled graph.
 
-    - With gradients on, each call whose inputs are new to the guard (shapes, dtypes, strides, which of them and of
-      the net's parameters need gradients, train/eval, autocast: what makes torch.compile compile another graph)
-      is first run as a trial, forward and backward (:meth:`_trial`), because the errors of a compiled backward
-      (such as Inductor's stride assertions in ``convolution_backward``, pytorch/pytorch#171622) would otherwise
-      surface in the training step's ``loss.backward()``, too late to run that net's call again. The trial compiles
-      the graphs; the real call then runs them.
-    - On a failure the net's buffers (batch-norm statistics) are put back as they were before the call, the call is
-      run again eagerly and its result returned, ``install(None)`` makes the net eager, ``report[name]`` says
-      ``fell back (reason)`` and one paragraph is logged. An error the eager call raises too is the net's own: it
-      propagates unchanged.
-    - After the watched calls the guard steps aside (``install(compiled)``): no cost per step from then on.
+    - For the first :data:`GUARDED_CALLS` calls with gradients on, each call whose inputs are new to the guard
+      (shapes, dtypes, strides, which of them and of the net's parameters need gradients, train/eval, autocast: what
+      makes torch.compile compile another graph) is first run as a trial, forward and backward (:meth:`_trial`),
+      because the errors of a compiled backward (such as Inductor's stride assertions in ``convolution_backward``,
+      pytorch/pytorch#171622) would otherwise surface in the training step's ``loss.backward()``, too late to run
+      that net's call again. The trial compiles the graphs; the real call then runs them. The net's buffers are
+      copied before each of these calls, so a compiled call that half ran can be undone.
+    - After those calls the guard is a bare ``try``/``except`` around the compiled call (about a microsecond per
+      call: no copy, no trial), because new graphs are compiled later too: validation's eval-mode graph after the
+      first epoch, a partial last batch's new shape, sampling through a compiled generator. A failure there falls
+      back the same way, except that the buffers are not put back (compiling fails before the graph runs, so they
+      are untouched then) and a new graph's compiled backward is not tried (its failure surfaces in
+      ``loss.backward()``).
+    - On a failure the call is run again eagerly (``install(None)``). If that eager call raises too, the error is the
+      net's own (an error raised inside a compiled call passes through Dynamo's frames, so it looks like a compile
+      failure): the compiled path is put back, nothing is recorded, and the eager call's error propagates unchanged.
+      Otherwise the net stays eager, ``report[name]`` says ``fell back (reason)``, one paragraph is logged and the
+      eager result is returned. The net's own error is raised after its forward ran twice (compiled, then eager):
+      side effects of a forward that raised (buffers it updated before the error) happen twice.
 
     ``install(fn)`` puts ``fn`` where the guard sits (None: the eager call): for an ``nn.Module.compile``-d net that is
     ``net._compiled_call_impl``, so no module is added and ``state_dict`` keys stay unchanged.
@@ -237,15 +239,23 @@ class CompileGuard:
         self.probe_backward = probe_backward
         self.fell_back: str | None = None
         self.tried: set = set()
+        #: which call or pass is running (named by the paragraph when it fails)
+        self.stage = "its first compiled call"
         report[name] = "compiled"
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.fell_back is not None:
             return self.eager(*args, **kwargs)
+        if self.calls_left <= 0:  # the rest of the run: the compiled call and nothing else unless it fails
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as err:
+                if not is_compile_failure(err):
+                    raise
+                failure = err
+            # (outside the except block: the net's own error, raised again eagerly, does not chain this one)
+            return self._fall_back(failure, args, kwargs, None, LATER_CALL)
         self.calls_left -= 1
-        if self.calls_left < 0:
-            self.install(self.compiled)
-            return self.compiled(*args, **kwargs)
         saved = [b.detach().clone() for b in self.net.buffers()]
         self.stage = "its first compiled call"
         try:
@@ -260,14 +270,24 @@ class CompileGuard:
             if not is_compile_failure(err):
                 raise
             failure = err
-        with torch.no_grad():  # a compiled call that half ran may have updated running statistics
-            for buffer, value in zip(self.net.buffers(), saved):
-                buffer.copy_(value)
+        return self._fall_back(failure, args, kwargs, saved, self.stage)
+
+    def _fall_back(self, failure: Exception, args: tuple, kwargs: dict, saved: list[torch.Tensor] | None,
+                   where: str) -> Any:
+        """Run the call eagerly; eager for good if that works, the compiled path kept if the net raises too."""
+        if saved is not None:
+            with torch.no_grad():  # a compiled call that half ran may have updated running statistics
+                for buffer, value in zip(self.net.buffers(), saved):
+                    buffer.copy_(value)
         self.install(None)
-        out = self.eager(*args, **kwargs)  # an error here is the net's own, eager or not
+        try:
+            out = self.eager(*args, **kwargs)
+        except BaseException:
+            self.install(self)  # the error is the net's own, compiled or not: it stays compiled
+            raise
         self.fell_back = failure_reason(failure)
         self.report[self.name] = f"fell back ({self.fell_back})"
-        log.warning(fallback_message(self.name, self.net, self.fell_back, self.stage, self.channels_last))
+        log.warning(fallback_message(self.name, self.net, self.fell_back, where, self.channels_last))
         return out
 
     def _signature(self, args: tuple, kwargs: dict) -> tuple:
@@ -285,7 +305,9 @@ class CompileGuard:
         backward graphs refuse a second backward (``retain_graph``). A trial that runs out of memory is skipped."""
         inputs = [p for p in self.net.parameters() if p.requires_grad]
         inputs += [t for t in _tensors((args, kwargs)) if t.requires_grad]
-        devices = sorted({t.device.index or 0 for t in inputs if t.device.type == "cuda"})
+        # every CUDA device the call may draw random numbers on (dropout on a buffer's or a frozen input's device too)
+        everything = [*self.net.parameters(), *self.net.buffers(), *_tensors((args, kwargs))]
+        devices = sorted({t.device.index or 0 for t in everything if t.device.type == "cuda"})
         try:
             with torch.random.fork_rng(devices=devices):
                 self.stage = "its first compiled call"

@@ -116,7 +116,7 @@ def test_the_stride_assertion_under_channels_last_names_the_torch_issue(backend,
     assert "pytorch/pytorch#171622" in caplog.text and "hardware.channels_last=false" in caplog.text
 
 
-def test_a_net_that_compiles_keeps_compiling_and_the_guard_steps_aside(backend, caplog):
+def test_a_net_that_compiles_keeps_compiling(backend, caplog):
     backend("eager")  # Dynamo's capture without a compiler: works, fast
     model = HardwareSettings(compile=True).apply(Pair())
     with caplog.at_level(logging.WARNING, logger="gencli.hardware"):
@@ -129,8 +129,8 @@ def test_a_net_that_compiles_keeps_compiling_and_the_guard_steps_aside(backend, 
         torch.testing.assert_close(got[key], eager[key], rtol=1e-5, atol=1e-6, msg=key)
     assert compile_record(model) == {"compile": "compiled",
                                      "compile_nets": {"generator": "compiled", "discriminator": "compiled"}}
-    for net in (model.generator, model.discriminator):  # after the watched calls: the compiled callable, unguarded
-        assert net._compiled_call_impl is not None and not isinstance(net._compiled_call_impl, CompileGuard)
+    for net in (model.generator, model.discriminator):  # after the watched calls: still guarded, trials over
+        assert isinstance(net._compiled_call_impl, CompileGuard) and net._compiled_call_impl.calls_left <= 0
     assert compile_record(torch.nn.Linear(2, 2)) == {"compile": False}
     model.compile_report["discriminator"] = "eager (model.loss=wgan_gp)"  # what the GAN family records for WGAN-GP
     assert compile_record(model)["compile"] == "compiled (except discriminator: eager (model.loss=wgan_gp))"
@@ -190,3 +190,73 @@ def test_sampling_with_a_net_that_fails_to_compile(backend, caplog):
     assert info["compile_nets"] == {"decoder": info["compile"]}
     assert caplog.text.count("torch.compile failed") == 1 and "'decoder'" in caplog.text
     assert "forward" not in model.decoder.__dict__  # undone
+
+
+def _eager_paragraphs(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "torch.compile failed" in r.getMessage()]
+
+
+def test_a_nets_own_error_under_compile_stays_its_own_and_the_net_stays_compiled(backend, caplog):
+    """A ValueError of the net's own (labels given to an unconditional generator) passes through Dynamo's frames, so
+    it looks like a compile failure; the eager retry raises it too, so it is the net's: it propagates as the eager net
+    raises it, nothing is recorded, and the net stays compiled (it used to be switched to eager for good while
+    compile_report still said 'compiled'). The same after the watched calls."""
+    backend("eager")
+    model = HardwareSettings(compile=True).apply(Pair())
+    labels = torch.zeros(2, dtype=torch.long)
+    with pytest.raises(ValueError) as eager_error:
+        Pair().generator(torch.randn(2, 8), labels)
+    with caplog.at_level(logging.WARNING, logger="gencli.hardware"):
+        with pytest.raises(ValueError) as compiled_error:
+            model.generator(torch.randn(2, 8), labels)
+        assert str(compiled_error.value) == str(eager_error.value)
+        assert isinstance(model.generator._compiled_call_impl, CompileGuard)
+        train_steps(model, steps=GUARDED_CALLS + 1)  # past the watched calls
+        with pytest.raises(ValueError, match="unconditional generator"):
+            model.generator(torch.randn(2, 8), labels)
+    assert isinstance(model.generator._compiled_call_impl, CompileGuard)
+    assert model.generator._compiled_call_impl.fell_back is None
+    assert _eager_paragraphs(caplog) == []
+    assert compile_record(model)["compile"] == "compiled"
+
+
+def test_a_backend_that_fails_on_a_later_new_graph_falls_back(backend, caplog):
+    """New graphs are compiled after the watched calls too (validation's eval-mode graph after the first epoch, a
+    partial last batch's new shape, sampling through a compiled generator): a compile failure there falls back with
+    the paragraph instead of ending the run."""
+    armed = [False]
+
+    def fails_later(gm, example_inputs):
+        if armed[0]:
+            raise RuntimeError("this backend cannot compile the later graph")
+        return gm.forward
+
+    backend(fails_later)
+    model = HardwareSettings(compile=True).apply(Pair())
+    train_steps(model, steps=GUARDED_CALLS + 1)
+    armed[0] = True
+    with caplog.at_level(logging.WARNING, logger="gencli.hardware"), torch.no_grad():
+        model.eval()
+        z = torch.randn(3, 8)  # eval mode and a new batch size: new graphs
+        first = model.generator(z)
+        second = model.generator(z)  # eager from here on
+        score = model.discriminator(second)
+    assert torch.equal(first, second) and score.shape[0] == 3
+    messages = _eager_paragraphs(caplog)
+    assert len(messages) == 2 and "'generator'" in messages[0] and "'discriminator'" in messages[1]
+    assert "a later compiled call" in messages[0] and "cannot compile the later graph" in messages[0]
+    assert model.generator._compiled_call_impl is None
+    assert compile_record(model)["compile"].startswith("fell back (generator: RuntimeError: this backend cannot")
+
+
+def test_the_guard_stays_in_front_of_the_net_cheaply(backend):
+    """After the watched calls the guard stays, as a bare try/except around the compiled call: no trial, no copy."""
+    backend("eager")
+    model = HardwareSettings(compile=True).apply(Pair())
+    train_steps(model, steps=GUARDED_CALLS + 1)
+    guard = model.discriminator._compiled_call_impl
+    assert isinstance(guard, CompileGuard) and guard.calls_left <= 0
+    calls = []
+    guard._trial = lambda *a: calls.append(a)  # would be a trial
+    train_steps(model, steps=2)
+    assert calls == []
