@@ -72,7 +72,6 @@ import sys
 import threading
 import time
 import traceback
-import warnings
 from pathlib import Path
 
 SCRIPTS = Path(__file__).resolve().parent
@@ -539,9 +538,6 @@ def worker(args) -> None:
 
     if args.threads > 0:
         torch.set_num_threads(args.threads)
-    # Hydra's plugin scan finds gencli's Optuna sweeper (src/hydra_plugins), whose import fails where optuna is not
-    # installed (the lent GPU machine): a warning per worker about a plugin no part uses
-    warnings.filterwarnings("ignore", message=r"(?s).*Error importing 'hydra_plugins\.gencli_sweepers'")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     logging.getLogger("lightning.fabric").setLevel(logging.ERROR)
     L.seed_everything(0, verbose=False)
