@@ -14,8 +14,7 @@ Parts: ``generation`` (the model making images: sampling, decoding, inpainting, 
 before the work: loading the checkpoint and building the model from it, moving it to the device, which starts
 CUDA there, applying ``hardware=`` and compiling, which happens in the first call of a compiled net and is counted
 here with that one call; preparing the feature extractor: loading its weights, or training the domain classifier on
-first use) and ``metrics`` (computing FID, KID, ... from the features). Issue 24: ``gencli sample`` on a GPU had
-counted checkpoint loading and CUDA start-up as I/O (13.7 of 25 s), which made writing files look dominant.
+first use) and ``metrics`` (computing FID, KID, ... from the features).
 
 On a GPU the work is asynchronous: each boundary waits for the device (``torch.cuda.synchronize``), so a part's
 seconds are its work's, not its launches'. On a CPU nothing is synchronised.
