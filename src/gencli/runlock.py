@@ -30,6 +30,7 @@ import logging
 import os
 import shlex
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -99,7 +100,7 @@ class RunLock:
         if self.fd is not None:
             return True
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)  # no O_CREAT, no O_TRUNC: the file stays as it is
+            fd = self._open(0)  # no O_CREAT, no O_TRUNC: the file stays as it is
         except FileNotFoundError:
             return False
         except OSError as err:  # a folder we may not write into: left to the checks that say so
@@ -113,7 +114,7 @@ class RunLock:
         if self.fd is None:
             self.folder.mkdir(parents=True, exist_ok=True)
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+                fd = self._open(os.O_CREAT)
             except OSError as err:
                 log.warning("cannot create %s (%s); the run folder is not locked", self.path, err.strerror)
                 return
@@ -128,6 +129,37 @@ class RunLock:
                 log.warning("could not record this run in %s (%s)", self.path, err.strerror)
             self.claimed = True
         _HELD[key_of(self.folder)] = self
+
+    def _open(self, extra: int) -> int:
+        """Open the lock file itself, never what a symbolic link there points to (writing the holder's record
+        through a link would overwrite its target), and only a plain file: a link, a FIFO, a device, a folder or a
+        file with other hard links (its content is another name's too) is refused in one paragraph."""
+        flags = (os.O_RDWR | os.O_CLOEXEC | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+                 | getattr(os, "O_NOCTTY", 0) | extra)
+        try:
+            fd = os.open(self.path, flags, 0o644)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO) or os.path.islink(self.path):
+                raise self.not_a_lock_file("a symbolic link" if os.path.islink(self.path) else "not a regular file")
+            raise
+        try:
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+            os.close(fd)
+            raise self.not_a_lock_file("not a regular file" if not stat.S_ISREG(info.st_mode)
+                                       else f"a file with {info.st_nlink} hard links")
+        return fd
+
+    def not_a_lock_file(self, what: str) -> ConfigError:
+        return ConfigError(
+            f"the run folder's lock file {self.path} is {what}, not the plain file gencli writes there: taking the "
+            "lock would write this run's record into whatever it leads to, so the run is refused and nothing was "
+            f"written. Remove it (rm {shlex.quote(str(self.path))}; gencli creates a new one) and run the command "
+            "again, or give this run another folder (another run_name=)."
+        )
 
     def _lock(self, fd: int) -> bool:
         try:

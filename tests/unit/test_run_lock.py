@@ -75,6 +75,35 @@ def test_probe_writes_nothing_and_claim_records_the_holder(tmp_path, released):
     assert runlock.held(folder) is None
 
 
+@pytest.mark.parametrize("kind", ["symlink", "dangling", "hardlink", "fifo", "folder"])
+@pytest.mark.parametrize("step", ["probe", "claim"])
+def test_a_lock_file_that_is_not_a_plain_file_is_refused_and_its_target_untouched(tmp_path, released, kind, step):
+    """A crafted run folder whose lock file is a link must not make gencli write its record through it (a symbolic
+    link to ../victim.txt got the holder's JSON), nor a hard link (its content is another name's too)."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    lock_file = folder / LOCK_NAME
+    if kind == "symlink":
+        lock_file.symlink_to("../victim.txt")
+    elif kind == "dangling":
+        lock_file.symlink_to("../created-through-the-link.txt")
+    elif kind == "hardlink":
+        os.link(victim, lock_file)
+    elif kind == "fifo":
+        os.mkfifo(lock_file)
+    else:
+        lock_file.mkdir()
+    with pytest.raises(ConfigError) as err:
+        getattr(RunLock(folder), step)()
+    text = str(err.value)
+    assert str(lock_file) in text and "Remove it" in text and "\n" not in text
+    assert victim.read_text() == "precious\n"
+    assert not (tmp_path / "created-through-the-link.txt").exists()
+    assert runlock.held(folder) is None
+
+
 def test_a_lock_file_left_by_a_dead_process_does_not_block(tmp_path, released):
     folder = tmp_path / "run"
     folder.mkdir()
