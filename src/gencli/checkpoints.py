@@ -42,6 +42,7 @@ from typing import Any
 import torch
 
 from gencli.errors import ConfigError, GencliError, RuntimeFailure
+from gencli.io import atomic_write, clean_leftovers, process_alive
 from gencli.safety import check_config
 
 log = logging.getLogger(__name__)
@@ -254,8 +255,10 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> Path:
     temp = partial_name(path)
     fd = _open_anonymous(path.parent)
     anonymous = fd is not None
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(temp)  # a dead process of the same pid's partial, or a link put there: never written through
     if fd is None:
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | os.O_CLOEXEC, 0o666)
     try:
         with os.fdopen(fd, "wb", closefd=False) as raw:
             torch.save(obj, _CountingWriter(raw))
@@ -291,26 +294,15 @@ def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
         return removed
     for candidate in folder.glob(f".*{PARTIAL_SUFFIX}"):
         pid_text = candidate.name[: -len(PARTIAL_SUFFIX)].rsplit(".", 1)[-1]
-        if not pid_text.isdigit() or _process_alive(int(pid_text)):
+        if not pid_text.isdigit() or process_alive(int(pid_text)):
             continue
         with contextlib.suppress(OSError):
             candidate.unlink()
             removed.append(candidate)
     if removed:
         log.warning("removed %d partial checkpoint file(s) left by a killed run in %s", len(removed), folder)
+    clean_leftovers(folder, legacy=False)  # the written-record's temp file (atomic_write) of a killed run
     return removed
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def os_error_in(err: BaseException) -> OSError | None:
@@ -524,17 +516,13 @@ class CheckpointFolder:
     def _write_record(self) -> None:
         if not self.folder.is_dir():
             return
-        temp = self.folder / f".{WRITTEN_RECORD}.{os.getpid()}{PARTIAL_SUFFIX}"  # a killed run's: removed by the next
-        try:
-            with open(temp, "w") as f:
+        try:  # a fresh temp name (mkstemp, O_EXCL) renamed over the record: a link at either name is never written through
+            with atomic_write(self.record_path, "w") as f:
                 json.dump({"format": 1, "written": sorted(self.written)}, f, indent=1)
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(temp, self.record_path)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                os.unlink(temp)
             log.warning("could not update %s (%s): a run continuing this one will leave the checkpoints it does not "
                         "find there in place", self.record_path, err.strerror or err)
 

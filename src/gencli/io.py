@@ -535,5 +535,11 @@ class PngFolderWriter(_CompleteOrNothing):
 
 # ----------------------------------------------------------------------------- checkpoints
 # Loading and saving checkpoints lives in gencli.checkpoints (the safe loader, the allow-list check,
-# crash-safe saves); these names stay importable from here.
-from gencli.checkpoints import load_checkpoint, restore_model  # noqa: E402,F401
+# crash-safe saves); these names stay importable from here, looked up when first asked for, since
+# gencli.checkpoints itself writes its files through this module.
+def __getattr__(name: str) -> Any:
+    if name in ("load_checkpoint", "restore_model"):
+        from gencli import checkpoints
+
+        return getattr(checkpoints, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

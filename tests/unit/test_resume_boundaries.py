@@ -236,6 +236,28 @@ def test_removal_of_own_checkpoints_and_the_record(run):
     assert "neither this run" in again.refusal(folder / "best-000-000025.ckpt")
 
 
+def test_the_record_and_a_partial_save_never_write_through_a_link(run):
+    """The record was written to '.gencli-written.json.<pid>.partial' (a name anyone could predict) opened following
+    links, and a partial checkpoint likewise: a link planted at either name made gencli overwrite its target."""
+    from gencli.checkpoints import atomic_save, partial_name
+
+    folder, _, victims, checkpoints = run
+    victim = victims["victim.txt"]
+    (folder / f".{WRITTEN_RECORD}.{os.getpid()}.partial").symlink_to(victim)
+    partial_name(folder / "best-001-000002.ckpt").symlink_to(victim)
+    (folder / "best-001-000002.ckpt").unlink(missing_ok=True)
+    atomic_save({"w": 1}, folder / "best-001-000002.ckpt")
+    checkpoints.record(folder / "best-001-000002.ckpt")
+    assert victim.read_text() == "keep me"
+    assert "best-001-000002.ckpt" in json.loads((folder / WRITTEN_RECORD).read_text())["written"]
+    # a link at the record's own name is replaced by the new record, its target left alone
+    (folder / WRITTEN_RECORD).unlink()
+    (folder / WRITTEN_RECORD).symlink_to(victim)
+    checkpoints.remove(folder / "best-001-000002.ckpt")
+    assert victim.read_text() == "keep me" and not (folder / WRITTEN_RECORD).is_symlink()
+    assert not [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".partial")) and not p.is_symlink()]
+
+
 def test_no_folder_declared_removes_nothing(tmp_path, caplog):
     victim = tmp_path / "last.ckpt"
     victim.write_text("keep me")
