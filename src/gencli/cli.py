@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import sys
 
 from gencli.errors import GencliError
@@ -24,7 +25,11 @@ USAGE = "usage: gencli {" + ",".join(VERBS) + "} [hydra overrides...] [--help] [
 
 def main(argv: list[str] | None = None) -> None:
     """The entry point. A Ctrl+C before a job installs its own handlers (imports, the pre-flight, Hydra's set-up
-    take seconds) is one line and exit 130, not a KeyboardInterrupt traceback; nothing has been written then."""
+    take seconds) is one line and exit 130, not a KeyboardInterrupt traceback; nothing has been written then.
+
+    Called in-process with a list (a notebook, a test), it leaves the process's signal handlers as it found them.
+    Called as the program (no ``argv``: the ``gencli`` command), a signal while the process winds down after the job
+    (seconds once torch is loaded) exits at once with 128 + the signal, as during the job's own end."""
     stage = {"job": False}
     try:
         dispatch(argv, stage)
@@ -32,6 +37,28 @@ def main(argv: list[str] | None = None) -> None:
         where = "while the job was starting" if stage["job"] else "before the job started; nothing was written"
         print(f"gencli: stopped by Ctrl+C (SIGINT) {where}.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if argv is None and stage["job"]:
+            exit_at_once_on_signals()
+        elif argv is not None and stage.get("sigpipe") is not None:
+            import signal
+
+            with contextlib.suppress(ValueError, OSError):
+                signal.signal(signal.SIGPIPE, stage["sigpipe"])
+
+
+def exit_at_once_on_signals() -> None:
+    """The gencli process after its job: SIGINT/SIGTERM exit at once (the job's end is reported, nothing is left
+    to clean up), not a KeyboardInterrupt traceback from the interpreter's finalisation."""
+    import os
+    import signal
+
+    def leave(signum, frame):
+        os._exit(128 + int(signum))
+
+    for name in ("SIGINT", "SIGTERM"):
+        with contextlib.suppress(ValueError, OSError):
+            signal.signal(getattr(signal, name), leave)
 
 
 def dispatch(argv: list[str] | None, stage: dict) -> None:
@@ -39,7 +66,7 @@ def dispatch(argv: list[str] | None, stage: dict) -> None:
     import signal
 
     if hasattr(signal, "SIGPIPE"):  # 'gencli train --help | head' should end quietly, like any CLI
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+        stage["sigpipe"] = signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -78,10 +105,13 @@ def dispatch(argv: list[str] | None, stage: dict) -> None:
     stage["job"] = True
     try:
         module.main()
-    finally:  # the run is over: its folder is free (the OS would free it at exit; main() may be called in-process)
+    finally:  # the run is over: its folder is free and the signal handlers are the caller's again (the OS would free
+        # the folder at exit; main() may be called in-process: a notebook, a test)
+        from gencli.jobs.common import restore_signal_handlers
         from gencli.runlock import release_all
 
         release_all()
+        restore_signal_handlers()
 
 
 #: Hydra's completion flags, routed to gencli's own (Hydra's would complete 'python', not 'gencli VERB').

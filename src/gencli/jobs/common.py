@@ -184,12 +184,30 @@ class Stopped(BaseException):
         self.signum = int(signum)
 
 
+#: The handlers the process had before the first :class:`StopOnSignal` of this CLI call replaced them (the jobs of a
+#: multirun each install their own over the previous job's): what :func:`restore_signal_handlers` puts back.
+_BEFORE_JOBS: dict[int, Any] = {}
+
+
+def restore_signal_handlers() -> None:
+    """Put back the signal handlers the process had before its jobs installed theirs (``gencli.cli.dispatch`` calls
+    it when the job or the sweep is over, so an in-process call leaves no handler behind that would ``os._exit`` the
+    caller on its next Ctrl+C)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for signum, handler in list(_BEFORE_JOBS.items()):
+        with contextlib.suppress(ValueError, TypeError, OSError):
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    _BEFORE_JOBS.clear()
+
+
 class StopOnSignal:
     """While a job other than train runs, SIGTERM, SIGINT and SIGUSR1 stop it at once (:class:`Stopped`); a second
     signal, or one that comes once the job has returned or failed (while its end is reported, and while the process
     winds down, which takes seconds once torch is loaded), exits the process at once (128 + signal) with one line on
-    stderr. The handlers stay installed after the job (the next job of a multirun installs its own); :meth:`restore`
-    puts the previous ones back for a library caller. Only the main thread can handle signals."""
+    stderr. The handlers stay installed after the job (the next job of a multirun installs its own) until the CLI's
+    call is over: :func:`restore_signal_handlers` then puts back the ones the process had before its first job (a
+    notebook or a test calling ``gencli.cli.main`` keeps its own Ctrl+C). Only the main thread can handle signals."""
 
     def __init__(self, verb: str):
         self.verb = verb
@@ -207,6 +225,7 @@ class StopOnSignal:
             signum = getattr(signal, name, None)
             if signum is not None:
                 self.previous[signum] = signal.signal(signum, self.handle)
+                _BEFORE_JOBS.setdefault(signum, self.previous[signum])
 
     def restore(self) -> None:
         for signum, handler in self.previous.items():
