@@ -424,9 +424,11 @@ def take_run_folder(cfg, multirun: bool) -> None:
     limits, another family), then lock the folder for this process's life. All before Hydra writes its records
     into the folder, so a refused command leaves it byte-for-byte as it was. A multirun locks its sweep folder
     (each job locks its own folder when it starts)."""
-    from gencli.runlock import RunLock, takes_locks
+    from gencli.runlock import RunLock, check_run_folder, takes_locks
 
     folder = pinned_folder(cfg, "hydra.sweep.dir" if multirun else "hydra.run.dir")
+    if folder is not None:
+        check_run_folder(folder)  # no link nor special file in it that a write would go through
     lock = RunLock(folder, "sweep" if multirun else "gencli train run") if folder and takes_locks() else None
     if lock is not None:
         lock.probe()  # a live holder: refused here, nothing written

@@ -140,7 +140,7 @@ class RunLock:
             fd = os.open(self.path, flags, 0o644)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO) or os.path.islink(self.path):
-                raise self.not_a_lock_file("a symbolic link" if os.path.islink(self.path) else "not a regular file")
+                raise self.not_a_lock_file("a symbolic link" if os.path.islink(self.path) else "not a regular file") from None
             raise
         try:
             info = os.fstat(fd)
@@ -218,6 +218,82 @@ def duration(seconds: float) -> str:
     if seconds < 7200:
         return f"{seconds // 60} min"
     return f"{seconds / 3600:.1f} h"
+
+
+#: Sub-folders of a run folder whose files gencli writes by renaming a finished temp file over the name (never
+#: opened in place): a hard link there is harmless (the other name keeps the old content).
+RENAMED_INTO = ("checkpoints",)
+
+
+def check_run_folder(folder: Path | str) -> None:
+    """An existing run folder holds only what gencli, Hydra and Lightning can write into without writing outside it:
+    the folder itself, and every entry in it (``checkpoints/``, ``.hydra/`` and its YAML files, ``train.log``,
+    ``csv/``, ``tensorboard/``, ``samples/``, ``job.json``, ``metrics.json``, the lock...), is no symbolic link, and
+    every entry is a folder or a regular file; a file those write in place (all but the checkpoints, which are
+    renamed into place) has no other hard link. Otherwise ConfigError, one paragraph naming the path and the fix.
+    A crafted folder (``runs/y/checkpoints -> ../x/checkpoints``, ``train.log -> ~/.bashrc``) would otherwise make
+    the run resume from and overwrite another run's files without its lock, or append to any file the user may
+    write. Checked before anything is written into the folder (by the CLI's pre-flight)."""
+    folder = Path(os.path.abspath(os.path.expanduser(str(folder))))
+    if not os.path.lexists(folder):
+        return
+    if os.path.islink(folder):
+        raise _linked(folder, folder)
+    if not folder.is_dir():
+        return  # a file where the folder should be: the output-folder check says so
+    for root, dirs, files in os.walk(folder):  # symbolic links to folders are listed in dirs, never entered
+        for name in dirs + files:
+            path = Path(root) / name
+            try:
+                info = path.lstat()
+            except FileNotFoundError:
+                continue
+            if stat.S_ISLNK(info.st_mode):
+                if not _link_inside(path, folder / RENAMED_INTO[0]):
+                    raise _linked(path, folder)
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            inner = path.relative_to(folder).parts
+            if not stat.S_ISREG(info.st_mode):
+                raise _unsafe(path, folder, "is not a regular file (a FIFO, socket or device)")
+            if info.st_nlink > 1 and inner[0] not in RENAMED_INTO:
+                raise _unsafe(path, folder, f"has {info.st_nlink} hard links (writing it changes the file of each "
+                                            "other name too)")
+
+
+def _link_inside(path: Path, checkpoints: Path) -> bool:
+    """A link Lightning itself makes (``save_last="link"``: ``last.ckpt`` -> a checkpoint beside it): in the
+    checkpoints folder, to a regular file in that same folder."""
+    if path.parent != checkpoints:
+        return False
+    real = os.path.realpath(path)
+    return os.path.dirname(real) == os.path.realpath(checkpoints) and os.path.isfile(real) and \
+        not os.path.islink(real)
+
+
+def _linked(path: Path, folder: Path) -> ConfigError:
+    try:
+        target = os.readlink(path)
+    except OSError:
+        target = "?"
+    where = "the run folder itself is" if path == folder else f"the run folder {folder} holds"
+    return _refusal(path, folder, f"{where} {path}, a symbolic link (to {target}): gencli, Hydra and Lightning would "
+                                  "read and write through it, outside this run's folder (another run's checkpoints "
+                                  "without its lock, or any file you may write)")
+
+
+def _unsafe(path: Path, folder: Path, what: str) -> ConfigError:
+    return _refusal(path, folder, f"the run folder {folder} holds {path}, which {what}; gencli, Hydra or Lightning "
+                                  "would write into it")
+
+
+def _refusal(path: Path, folder: Path, what: str) -> ConfigError:
+    return ConfigError(
+        f"{what}, so the run is refused and nothing was written. A run folder that gencli wrote holds no such entry: "
+        f"if this folder is yours, remove it (rm {shlex.quote(str(path))}) and run the command again, or train in "
+        "another folder (another run_name=)."
+    )
 
 
 def release_all() -> None:

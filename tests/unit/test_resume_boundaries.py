@@ -258,6 +258,25 @@ def test_the_record_and_a_partial_save_never_write_through_a_link(run):
     assert not [p.name for p in folder.iterdir() if p.name.endswith((".tmp", ".partial")) and not p.is_symlink()]
 
 
+def test_a_checkpoints_folder_that_is_a_link_is_refused_at_set_up(tmp_path):
+    """Lightning keeps the real path of dirpath: <run>/checkpoints -> ../x/checkpoints made the run's own folder
+    another run's (every 'inside the folder' check then passes for x's files). The folder as configured is checked."""
+    from lightning.pytorch import Trainer
+
+    from gencli.errors import ConfigError
+
+    (tmp_path / "x" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "x" / "checkpoints" / "last.ckpt").write_bytes(b"run x's")
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "checkpoints").symlink_to(tmp_path / "x" / "checkpoints", target_is_directory=True)
+    cb = ModelCheckpoint(dirpath=str(tmp_path / "y" / "checkpoints"), save_last=True)
+    trainer = Trainer(default_root_dir=tmp_path, callbacks=[cb], logger=False, enable_progress_bar=False,
+                      accelerator="cpu")
+    with pytest.raises(ConfigError, match=f"{tmp_path / 'y' / 'checkpoints'} is a symbolic link"):
+        cb.setup(trainer, None, "fit")
+    assert cb.folder is None and (tmp_path / "x" / "checkpoints" / "last.ckpt").read_bytes() == b"run x's"
+
+
 def test_no_folder_declared_removes_nothing(tmp_path, caplog):
     victim = tmp_path / "last.ckpt"
     victim.write_text("keep me")

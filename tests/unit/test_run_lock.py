@@ -203,6 +203,91 @@ def test_the_preflight_refuses_a_new_run_over_checkpoints_leaving_the_folder_as_
     assert runlock.held(folder) is None
 
 
+def a_finished_run(folder: Path) -> None:
+    """The entries a finished gencli train leaves in its run folder (contents abridged)."""
+    for name, text in ((".hydra/config.yaml", "model:\n  latent_dim: 16\n"), (".hydra/overrides.yaml", "[]\n"),
+                       (".hydra/hydra.yaml", "hydra: {}\n"), ("train.log", "a log\n"), ("csv/metrics.csv", "step\n0\n"),
+                       ("csv/hparams.yaml", "{}\n"), ("job.json", '{"status": "completed"}'),
+                       ("metrics.json", "{}"), ("samples/epoch_000.png", "png"), (LOCK_NAME, "{}")):
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_text(text)
+    (folder / "checkpoints").mkdir()
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"weights")
+
+
+LINKED = ["run", "checkpoints", ".hydra", ".hydra/config.yaml", ".hydra/overrides.yaml", "train.log", "csv",
+          "csv/metrics.csv", "job.json", "metrics.json", "samples", "tensorboard", "dangling"]
+
+
+@pytest.mark.parametrize("entry", LINKED)
+@pytest.mark.parametrize("resume", [[], ["resume=auto"]])
+def test_a_run_folder_whose_paths_are_links_is_refused_before_anything_is_written(tmp_path, released, entry, resume):
+    """runs/y/checkpoints -> ../x/checkpoints made 'gencli train run_name=y resume=auto' resume from and overwrite
+    run x's checkpoints without x's lock; train.log -> ~/.bashrc got the log appended. Each link is refused in the
+    pre-flight, naming it; the files it leads to and the folder stay as they were."""
+    other = tmp_path / "x"
+    other.mkdir()
+    a_finished_run(other)
+    victims = fingerprint(other)
+    folder = tmp_path / "y"
+    if entry == "run":
+        folder.symlink_to(other, target_is_directory=True)
+    else:
+        folder.mkdir()
+        a_finished_run(folder)
+        path = folder / entry
+        if path.is_dir():
+            __import__("shutil").rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        target = other / ("nowhere" if entry == "dangling" else entry)
+        path.symlink_to(target, target_is_directory=target.is_dir())
+    before = fingerprint(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        precheck("train", "train", [*TINY, f"hydra.run.dir={folder}", *resume])
+    text = str(err.value)
+    named = folder if entry == "run" else folder / entry
+    assert f"{named}, a symbolic link" in text and "rm " in text and "nothing was written" in text, text
+    assert fingerprint(tmp_path) == before and fingerprint(other) == victims
+    assert runlock.held(folder) is None
+
+
+@pytest.mark.parametrize("kind", ["fifo", "hardlinked log", "hardlinked hydra config"])
+def test_a_run_folder_with_a_special_or_hard_linked_file_is_refused(tmp_path, released, kind):
+    folder = tmp_path / "y"
+    folder.mkdir()
+    a_finished_run(folder)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious\n")
+    if kind == "fifo":
+        (folder / "train.log").unlink()
+        os.mkfifo(folder / "train.log")
+    else:
+        name = "train.log" if kind == "hardlinked log" else ".hydra/config.yaml"
+        (folder / name).unlink()
+        os.link(victim, folder / name)
+    with pytest.raises(ConfigError, match="so the run is refused and nothing was written"):
+        precheck("train", "train", [*TINY, f"hydra.run.dir={folder}", "resume=auto"])
+    assert victim.read_text() == "precious\n"
+
+
+def test_links_lightning_makes_and_hard_linked_checkpoints_pass_the_check(tmp_path):
+    """save_last='link' makes last.ckpt a link to a checkpoint beside it; checkpoints are renamed into place, so a
+    hard-linked copy (cp -al) is never written through."""
+    folder = tmp_path / "y"
+    folder.mkdir()
+    a_finished_run(folder)
+    ckpts = folder / "checkpoints"
+    (ckpts / "last.ckpt").rename(ckpts / "epoch=0-step=1.ckpt")
+    (ckpts / "last.ckpt").symlink_to("epoch=0-step=1.ckpt")
+    os.link(ckpts / "epoch=0-step=1.ckpt", tmp_path / "backup.ckpt")
+    runlock.check_run_folder(folder)
+    (ckpts / "last.ckpt").unlink()
+    (ckpts / "last.ckpt").symlink_to(tmp_path / "backup.ckpt")  # the same bytes, but outside the folder
+    with pytest.raises(ConfigError, match="a symbolic link"):
+        runlock.check_run_folder(folder)
+
+
 def test_the_preflight_refuses_a_held_folder_and_takes_a_free_one(tmp_path, released):
     folder = tmp_path / "run"
     other = RunLock(folder)

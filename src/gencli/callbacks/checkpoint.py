@@ -74,7 +74,10 @@ class ModelCheckpoint(LightningModelCheckpoint):
         if every_n_steps is None or int(every_n_steps) < 0:
             raise ConfigError(f"callbacks.checkpoint.every_n_steps={every_n_steps} must be >= 0 (0: only at "
                               "validation / epoch ends).")
+        given = kwargs.get("dirpath", args[0] if args else None)
         super().__init__(*args, **kwargs)
+        #: the folder as configured (Lightning keeps its real path: a link there would lead out of the run folder)
+        self.given_dirpath = os.path.abspath(os.path.expanduser(str(given))) if given else None
         self.every_n_steps = int(every_n_steps)
         self._step_bucket: int | None = None
         self.best_naming, self.last_naming = checkpoint_naming(self.filename, self.auto_insert_metric_name,
@@ -90,8 +93,14 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self._reports = trainer.is_global_zero
         self._strategy = trainer.strategy
         if self.dirpath and _is_local_file_protocol(str(self.dirpath)):
+            if self.given_dirpath and os.path.islink(self.given_dirpath):
+                raise ConfigError(
+                    f"the checkpoints folder {self.given_dirpath} is a symbolic link (to "
+                    f"{os.path.realpath(self.given_dirpath)}): this run would resume from and overwrite the checkpoints "
+                    "of whatever folder it leads to, without that run's lock, so it is refused. Remove the link (rm "
+                    f"{self.given_dirpath}) or set callbacks.checkpoint.dirpath= to a real folder.")
             either = re.compile(f"(?:{self.best_naming.pattern})|(?:{self.last_naming.pattern})")
-            self.folder = CheckpointFolder(self.dirpath, either)
+            self.folder = CheckpointFolder(self.given_dirpath or self.dirpath, either)
             io = trainer.strategy.checkpoint_io
             while not hasattr(io, "folder") and hasattr(io, "checkpoint_io"):  # a wrapping I/O (asynchronous saves)
                 io = io.checkpoint_io
