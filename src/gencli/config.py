@@ -440,12 +440,19 @@ def take_run_folder(cfg, multirun: bool) -> None:
             point = preflight(cfg)
         if point is not None and point.complete:
             finish_complete_run(cfg, point, lock)
+        if lock is not None:
+            if not multirun and folder.is_dir():  # put back if the job refuses the run before training starts
+                from gencli.runlock import Records
+
+                lock.records = Records(folder)
+            lock.claim()  # may still lose the race to a run that created the lock file since the probe
     except BaseException:
+        from gencli.jobs import resume
+
+        resume._PREFLIGHT.clear()  # the checkpoint the pre-flight loaded is for no job now
         if lock is not None:
             lock.release()
         raise
-    if lock is not None:
-        lock.claim()
 
 
 class NothingToTrain(Exception):

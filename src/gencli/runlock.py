@@ -92,6 +92,9 @@ class RunLock:
         self.what = what
         self.fd: int | None = None
         self.claimed = False
+        #: the folder as it was before this run claimed it (an existing folder): put back if the job refuses the
+        #: run before training starts (:class:`Records`); None once training started
+        self.records: Records | None = None
 
     # ------------------------------------------------------------------ taking it
     def probe(self) -> bool:
@@ -209,6 +212,120 @@ class RunLock:
             with contextlib.suppress(OSError):
                 os.close(self.fd)  # closing the file drops the lock (the file stays: see the module's notes)
         self.fd, self.claimed = None, False
+
+
+class Records:
+    """An existing run folder as it was before a run claimed it, put back byte-for-byte (with the files' and
+    folders' times) when the job refuses the run before training starts (Lightning rejects the trainer settings, a
+    model's option is wrong...): Hydra has rewritten ``.hydra/*.yaml`` by then, appended to ``train.log``, and the
+    run may have created ``job.json``, ``csv/``..., so without it the folder would describe a run its checkpoints do
+    not hold. The small records (``.hydra/*``, ``job.json``, ``metrics.json``, the lock file) are kept in memory;
+    ``train.log``, which Hydra only appends to, is cut back to its size; anything the attempt created is removed.
+    Taken by the pre-flight (the lock held), so nobody else writes into the folder meanwhile."""
+
+    KEPT = (".hydra/config.yaml", ".hydra/overrides.yaml", ".hydra/hydra.yaml", "job.json", "metrics.json", LOCK_NAME)
+    APPENDED = ("train.log",)
+    LIMIT = 4 << 20  # a record larger than this is not one gencli or Hydra wrote: not kept, so not put back
+
+    def __init__(self, folder: Path | str):
+        self.folder = Path(os.path.abspath(str(folder)))
+        self.entries: dict[str, tuple[bool, int, int]] = {}  # relative path -> (is a folder, atime ns, mtime ns)
+        self.kept: dict[str, bytes] = {}
+        self.sizes: dict[str, int] = {}
+        for root, dirs, files in os.walk(self.folder):
+            for name in ["", *dirs, *files] if root == str(self.folder) else [*dirs, *files]:
+                path = Path(root) / name
+                with contextlib.suppress(OSError):
+                    info = path.lstat()
+                    rel = path.relative_to(self.folder).as_posix()
+                    self.entries[rel] = (stat.S_ISDIR(info.st_mode), info.st_atime_ns, info.st_mtime_ns)
+                    if not stat.S_ISREG(info.st_mode):
+                        continue
+                    if rel in self.KEPT and info.st_size <= self.LIMIT:
+                        self.kept[rel] = path.read_bytes()
+                    elif rel in self.APPENDED:
+                        self.sizes[rel] = info.st_size
+
+    def restore(self) -> None:
+        """Put the folder back as it was (see the class docstring); what cannot be put back is a warning."""
+        for handler in list(logging.getLogger().handlers):  # Hydra's job log into the folder: no line after this
+            name = getattr(handler, "baseFilename", None)
+            if name and Path(name).parent == self.folder:
+                logging.getLogger().removeHandler(handler)
+                handler.close()
+        problems: list[str] = []
+        for root, dirs, files in os.walk(self.folder, topdown=False):  # what the attempt created goes
+            for name in [*files, *dirs]:
+                path = Path(root) / name
+                if path.relative_to(self.folder).as_posix() in self.entries:
+                    continue
+                try:
+                    if path.is_dir() and not path.is_symlink():
+                        os.rmdir(path)  # emptied above (bottom-up)
+                    else:
+                        os.unlink(path)
+                except OSError as err:
+                    problems.append(f"{path} ({err.strerror})")
+        for rel, data in self.kept.items():
+            path = self.folder / rel
+            try:
+                if rel == LOCK_NAME:
+                    self._rewrite_in_place(path, data)  # the same file: the lock this process holds stays on it
+                else:
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.restore")
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp)
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o644)
+                    with os.fdopen(fd, "wb") as f:
+                        f.write(data)
+                    os.chmod(tmp, stat.S_IMODE(os.lstat(path).st_mode) if os.path.lexists(path) else 0o644)
+                    os.replace(tmp, path)
+            except OSError as err:
+                problems.append(f"{path} ({err.strerror})")
+        for rel, size in self.sizes.items():
+            try:
+                fd = os.open(self.folder / rel, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+                try:
+                    os.ftruncate(fd, size)
+                finally:
+                    os.close(fd)
+            except OSError as err:
+                problems.append(f"{self.folder / rel} ({err.strerror})")
+        for rel, (_, atime, mtime) in sorted(self.entries.items(), key=lambda item: -item[0].count("/")):
+            with contextlib.suppress(OSError):  # the times last, deepest first: a folder's changes with its entries
+                os.utime(self.folder / rel if rel else self.folder, ns=(atime, mtime), follow_symlinks=False)
+        if problems:
+            log.warning("could not put the run folder %s back entirely as it was: %s", self.folder,
+                        "; ".join(problems[:5]))
+
+    @staticmethod
+    def _rewrite_in_place(path: Path, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | getattr(os, "O_NOFOLLOW", 0))
+        try:
+            os.write(fd, data)
+            os.ftruncate(fd, len(data))
+        finally:
+            os.close(fd)
+
+
+def refused_before_training(folder: Path | str) -> bool:
+    """The job refused its run before training started: put an existing run folder back as it was before this run
+    claimed it (:class:`Records`); True when it did (then no job.json is written for the refusal)."""
+    lock = held(folder)
+    if lock is None or lock.records is None:
+        return False
+    records, lock.records = lock.records, None
+    if LOCK_NAME not in records.kept:  # this run created the lock file: it goes with the rest
+        records.kept.pop(LOCK_NAME, None)
+    records.restore()
+    return True
+
+
+def training_starts(folder: Path | str) -> None:
+    """From here on the run changes its folder for good (checkpoints, metrics): a refusal no longer puts it back."""
+    lock = held(folder)
+    if lock is not None:
+        lock.records = None
 
 
 def duration(seconds: float) -> str:

@@ -288,6 +288,47 @@ def test_links_lightning_makes_and_hard_linked_checkpoints_pass_the_check(tmp_pa
         runlock.check_run_folder(folder)
 
 
+def test_records_put_a_folder_back_byte_for_byte(tmp_path, released):
+    """What a run refused in its job (before training) did to an existing run folder is undone: Hydra's rewritten
+    .hydra/ files and job.json, the lines appended to train.log, the files and folders it created (csv/, the lock file
+    when there was none), with every file's and folder's times."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    a_finished_run(folder)
+    (folder / LOCK_NAME).unlink()
+    (folder / "train.log").write_text("line 1\n" * 1000)
+    os.utime(folder / ".hydra", ns=(1, 2))
+    before = fingerprint(folder)
+    lock = RunLock(folder)
+    lock.records = runlock.Records(folder)
+    lock.claim()
+    (folder / ".hydra" / "config.yaml").write_text("model:\n  latent_dim: 8\n")
+    (folder / "job.json").unlink()
+    (folder / "job.json").write_text('{"status": "failed"}')
+    with open(folder / "train.log", "a") as f:
+        f.write("refused\n")
+    (folder / "tensorboard" / "version_0").mkdir(parents=True)
+    (folder / "tensorboard" / "version_0" / "events").write_bytes(b"e")
+    assert fingerprint(folder) != before
+    runlock.training_starts(tmp_path / "elsewhere")  # another folder's start changes nothing here
+    assert runlock.refused_before_training(folder)
+    assert fingerprint(folder) == before
+    assert not runlock.refused_before_training(folder)  # once
+
+
+def test_once_training_started_a_refusal_puts_nothing_back(tmp_path, released):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    a_finished_run(folder)
+    lock = RunLock(folder)
+    lock.records = runlock.Records(folder)
+    lock.claim()
+    runlock.training_starts(folder)
+    (folder / "checkpoints" / "epoch=1.ckpt").write_bytes(b"new")
+    assert not runlock.refused_before_training(folder)
+    assert (folder / "checkpoints" / "epoch=1.ckpt").exists()
+
+
 def test_the_preflight_refuses_a_held_folder_and_takes_a_free_one(tmp_path, released):
     folder = tmp_path / "run"
     other = RunLock(folder)
@@ -300,6 +341,29 @@ def test_the_preflight_refuses_a_held_folder_and_takes_a_free_one(tmp_path, rele
     precheck("train", "train", [*TINY, f"hydra.run.dir={folder}"])  # free: taken, for this process's life
     assert runlock.held(folder) is not None
     assert json.loads((folder / LOCK_NAME).read_text())["pid"] == os.getpid()
+
+
+def test_a_preflight_that_loses_the_race_for_the_lock_keeps_no_checkpoint(tmp_path, released, monkeypatch):
+    """A run that created the lock file between this pre-flight's probe (no file yet) and its claim wins: the
+    checkpoint the pre-flight loaded for its job must not stay behind for a later job of this process."""
+    from gencli.jobs import resume
+
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    point = resume.ResumePoint.__new__(resume.ResumePoint)
+    point.complete = None
+
+    def preflight(cfg):
+        resume._PREFLIGHT[resume._key(cfg)] = point
+        winner = RunLock(folder)  # the other run, in the same process here: flock refuses a second open file too
+        winner.claim()
+        return point
+
+    monkeypatch.setattr(resume, "preflight", preflight)
+    with pytest.raises(ConfigError, match="is in use by another gencli train run"):
+        precheck("train", "train", [*TINY, f"hydra.run.dir={folder}", "resume=auto"])
+    assert resume._PREFLIGHT == {}
 
 
 def test_a_run_folder_named_after_the_start_time_is_locked_by_the_job(tmp_path, released):
@@ -399,6 +463,10 @@ def test_two_concurrent_trains_into_one_folder(tmp_path, extra):
     assert done.returncode == 0, err[-2000:]
 
 
+#: An accelerator this machine lacks (Lightning refuses it when the Trainer is built, before training starts).
+NO_SUCH_ACCELERATOR = "mps" if __import__("torch").cuda.is_available() else "gpu"
+
+
 @pytest.mark.slow
 def test_refused_runs_leave_the_folder_byte_for_byte(tmp_path):
     base = ["model=ae", "data.image_size=8", "data.batch_size=64", "trainer.max_epochs=1", "callbacks=minimal",
@@ -412,6 +480,9 @@ def test_refused_runs_leave_the_folder_byte_for_byte(tmp_path):
         (["model.latent_dim=5", "resume=auto"], 2, "does not fit the model"),     # another model's shapes
         (["model=vae", "resume=auto"], 2, "holds a Autoencoder"),                 # another family
         ([f"resume={folder / 'checkpoints' / 'last.ckpt'}"], 2, "already reached"),  # resume=PATH at its limit
+        # refused in the job, after Hydra rewrote .hydra/ and appended to train.log: put back as it was
+        (["resume=auto", "trainer.max_epochs=2", f"trainer.accelerator={NO_SUCH_ACCELERATOR}"], 2,
+         "Lightning rejected the trainer settings"),
         (["resume=auto"], 0, "so this run is complete"),                          # nothing to train: nothing written
     ):
         proc = gencli_process(tmp_path, *base, *extra)

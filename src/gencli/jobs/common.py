@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gencli.errors import ConfigError, GencliError, Interrupted
+from gencli.runlock import refused_before_training
 
 
 def user_error(err: BaseException) -> GencliError | None:
@@ -109,7 +110,11 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
             gencli_error = user_error(err)
         full = os.environ.get("HYDRA_FULL_ERROR") == "1" and not isinstance(err, Stopped)
         first = rank_zero()
-        if out_dir and first:
+        # a run refused before training started leaves an existing run folder as it was (gencli.runlock.Records):
+        # Hydra's rewritten .hydra/ and the attempt's files are put back, and no job.json says 'failed'
+        put_back = bool(out_dir and first and not multirun and not launched_rank() and gencli_error is not None
+                        and not isinstance(gencli_error, Interrupted) and refused_before_training(out_dir))
+        if out_dir and first and not put_back:
             status = "interrupted" if isinstance(gencli_error, Interrupted) else "failed"
             reason = gencli_error.message if gencli_error is not None else f"{type(err).__name__}: {err}"
             record_job(out_dir, status, reason=reason, seconds=time.perf_counter() - started,
@@ -124,7 +129,8 @@ def run_job(job: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
         release_process_group()
         if launched_rank():
             leave_after_rank_zero(gencli_error)
-        if fresh and first and not isinstance(gencli_error, Interrupted) and only_bookkeeping(out_dir, cfg):
+        if fresh and first and not put_back and not isinstance(gencli_error, Interrupted) and \
+                only_bookkeeping(out_dir, cfg):
             import shutil  # failed before it produced anything: leave no empty run folder behind (the error is printed)
 
             shutil.rmtree(out_dir, ignore_errors=True)

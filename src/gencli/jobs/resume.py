@@ -26,6 +26,7 @@ Lightning itself then restores the model, optimisers, LR schedules, loop counter
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,8 +92,6 @@ _PREFLIGHT: dict[tuple[str, str], ResumePoint] = {}
 def _key(cfg: DictConfig) -> tuple[str, str]:
     """resume=auto: the folder it looks in; resume=PATH: the file (a run folder named after the start time is named
     again when Hydra composes, so the pre-flight's and the job's folders differ)."""
-    import os
-
     value = str(cfg.get("resume"))
     return (os.path.realpath(checkpoint_folder(cfg)) if value == "auto" else ""), value
 

@@ -28,7 +28,7 @@ from gencli.jobs.common import launcher_mark, run_job
 from gencli.jobs.resume import ResumePoint, resume_point
 from gencli.loggers import close, log_config, log_final_metrics
 from gencli.provenance import environment
-from gencli.runlock import hold
+from gencli.runlock import hold, training_starts
 from gencli.scaling import apply_batch_plan
 from gencli.sweep import ranks_run_this_job
 
@@ -72,6 +72,7 @@ def fit(cfg: DictConfig) -> float | None:
     try:
         # ranks Lightning starts from here know their launcher (jobs.common.run_job) and run this job, not a sweep
         with launcher_mark(), ranks_run_this_job(cfg.paths.output_dir):
+            training_starts(cfg.paths.output_dir)  # a refusal from here on no longer puts the old folder back
             trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume.path) if resume else None)
     except GencliError as err:
         if trainer.is_global_zero:
