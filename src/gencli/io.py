@@ -15,6 +15,7 @@ folder) removes temp files of processes that no longer exist, and trash.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -168,39 +169,69 @@ def discard(path: str | os.PathLike, target: str | os.PathLike | None = None, wr
 
 def remove_tree(path: str | os.PathLike, deadline: float | None = None) -> bool:
     """Delete ``path`` (a folder tree; symlinks are removed, never followed); False if ``deadline``
-    (``time.monotonic()``) passed first, leaving the rest in place."""
-    path = Path(path)
-    folders, stack = [], [str(path)]
-    checked = 0
-    while stack:
-        folder = stack.pop()
-        folders.append(folder)
-        try:
-            entries = os.scandir(folder)
+    (``time.monotonic()``) passed first, leaving the rest in place.
+
+    Walked by open folder descriptors, each entry unlinked relative to its folder's descriptor and each sub-folder
+    opened with O_NOFOLLOW: an entry swapped for a link to a folder elsewhere between the listing and the removal is
+    removed as a link, never entered (a walk by path names would delete what the link leads to)."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        top = os.open(path, flags)
+    except FileNotFoundError:
+        return True
+    except OSError as err:
+        if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+            return False
+        try:  # a link (or a file) where the folder was: removed itself
+            os.unlink(path)
         except FileNotFoundError:
-            continue
+            pass
         except OSError:
             return False
-        with entries:
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(entry.path)
-                    else:
-                        os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
-                except OSError:
-                    return False
-                checked += 1
-                if deadline is not None and checked % 32 == 0 and time.monotonic() > deadline:
-                    return False
-    for folder in reversed(folders):
-        with contextlib.suppress(FileNotFoundError):
+        return True
+    stack: list[tuple[int, int | None, str | None]] = [(top, None, None)]  # (folder, its parent's fd, its name)
+    checked = 0
+    try:
+        while stack:
+            fd, parent, name = stack[-1]
+            child: tuple[int, int, str] | None = None
             try:
-                os.rmdir(folder)
+                with os.scandir(fd) as entries:
+                    for entry in entries:
+                        checked += 1
+                        if deadline is not None and checked % 32 == 0 and time.monotonic() > deadline:
+                            return False
+                        if entry.is_dir(follow_symlinks=False):
+                            try:
+                                child = (os.open(entry.name, flags, dir_fd=fd), fd, entry.name)
+                                break
+                            except FileNotFoundError:
+                                continue
+                            except OSError as err:
+                                if err.errno not in (errno.ELOOP, errno.ENOTDIR):
+                                    return False  # swapped for a link or a file since listed: unlinked below
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.name, dir_fd=fd)
             except OSError:
                 return False
+            if child is not None:
+                stack.append(child)  # its parent is listed again once it is gone
+                continue
+            stack.pop()
+            os.close(fd)
+            try:
+                if parent is not None:
+                    os.rmdir(name, dir_fd=parent)
+                else:
+                    os.rmdir(path)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                return False
+    finally:
+        for fd, _, _ in stack:
+            with contextlib.suppress(OSError):
+                os.close(fd)
     return True
 
 

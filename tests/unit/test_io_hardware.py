@@ -276,3 +276,38 @@ def test_remove_tree_never_follows_symlinks(tmp_path):
     (doomed / "file.png").write_bytes(b"x")
     assert io.remove_tree(doomed)
     assert not doomed.exists() and (outside / "keep.txt").read_text() == "keep"
+
+
+def test_remove_tree_never_enters_a_folder_swapped_for_a_link_after_it_was_listed(tmp_path, monkeypatch):
+    """A walk by path names lists 'sub' as a folder, then enters whatever 'sub' is when it gets there: swapped for a
+    link to a folder elsewhere in between, it deleted that folder's files. The walk by descriptors removes the link."""
+    from gencli import io
+
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("keep")
+    doomed = tmp_path / io.temp_name("images")
+    (doomed / "sub").mkdir(parents=True)
+    (doomed / "sub" / "0.png").write_bytes(b"x")
+    real_scandir = os.scandir
+
+    class Swapping:
+        def __init__(self, arg):
+            self.entries = real_scandir(arg)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.entries.close()
+
+        def __iter__(self):
+            for entry in self.entries:
+                if entry.name == "sub" and not (doomed / "sub").is_symlink():  # listed as a folder, then swapped
+                    (doomed / "sub").rename(tmp_path / "moved")
+                    (doomed / "sub").symlink_to(outside, target_is_directory=True)
+                yield entry
+
+    monkeypatch.setattr(io.os, "scandir", Swapping)
+    assert io.remove_tree(doomed)
+    assert not doomed.exists() and (outside / "keep.txt").read_text() == "keep"
