@@ -43,7 +43,7 @@ import torch
 
 from gencli.errors import ConfigError, GencliError, RuntimeFailure
 from gencli.io import atomic_write, clean_leftovers, process_alive
-from gencli.safety import check_config
+from gencli.safety import check_config, lies_inside
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +399,7 @@ class CheckpointFolder:
         if not text or "\x00" in text or "://" in text:
             return None, "it is not a local file path"
         given, real = _resolved(text)
-        if not _inside(real, self.folder):
+        if not lies_inside(real, self.folder, strictly=True):
             return None, f"it lies outside the run's checkpoints folder {self.folder}"
         if real != given:
             return None, f"it passes through a symbolic link (it resolves to {real})"
@@ -433,7 +433,7 @@ class CheckpointFolder:
     def record(self, path: str | os.PathLike) -> None:
         """Note the checkpoint just saved at ``path`` (a save outside the folder, or under another naming, is not)."""
         real = _resolved(str(path))[1]
-        if not _inside(real, self.folder):
+        if not lies_inside(real, self.folder, strictly=True):
             return
         name = Path(real).relative_to(self.folder).as_posix()
         if self.naming.fullmatch(name) and name not in self.written:
@@ -533,10 +533,6 @@ def _resolved(text: str) -> tuple[str, str]:
     path = os.path.expanduser(text)
     joined = path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     return os.path.normpath(joined), os.path.realpath(joined)
-
-
-def _inside(path: str | os.PathLike, folder: Path) -> bool:
-    return Path(path) != folder and folder in Path(path).parents
 
 
 def _plain_name(name: str) -> bool:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from gencli.errors import ConfigError
+from gencli.progress import format_duration
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +193,7 @@ class RunLock:
             since = holder.get("since") or "?"
             started = holder.get("started")
             if isinstance(started, int | float):
-                since += f", {duration(time.time() - started)} ago"
+                since += f", {format_duration(time.time() - started)} ago"
             who = (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, running since {since} "
                    f"({str(holder.get('command', '?'))[:200]})")
         else:
@@ -326,15 +327,6 @@ def training_starts(folder: Path | str) -> None:
     lock = held(folder)
     if lock is not None:
         lock.records = None
-
-
-def duration(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 120:
-        return f"{seconds} s"
-    if seconds < 7200:
-        return f"{seconds // 60} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 #: Sub-folders of a run folder whose files gencli writes by renaming a finished temp file over the name (never

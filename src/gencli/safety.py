@@ -31,6 +31,17 @@ from typing import Any
 
 from gencli.errors import ConfigError
 
+
+def lies_inside(path: str | os.PathLike, folder: str | os.PathLike, *, strictly: bool = False) -> bool:
+    """Whether ``path``, once every symbolic link and ``..`` is resolved, lies inside ``folder`` (resolved the same
+    way); ``strictly``: and is not ``folder`` itself. A path that cannot be resolved does not. The one check of
+    "inside the folder" for every file gencli reads from (reports) or removes in (checkpoints) a folder."""
+    try:
+        real, base = os.path.realpath(path), os.path.realpath(folder)
+        return os.path.commonpath([real, base]) == base and not (strictly and real == base)
+    except (OSError, ValueError):
+        return False
+
 #: gencli's own configurable classes, by the exact dotted name the configs use.
 GENCLI_TARGETS = frozenset({
     # families

@@ -66,3 +66,16 @@ def test_one_grid_and_one_eval_mode():
     assert not [p for p, s in sources.items() if "def make_grid" in s]
     copies = [p.relative_to(SRC) for p, s in sources.items() if "was_training = " in s]
     assert copies == [Path("nets/modes.py")], copies
+
+
+def test_one_inside_check_one_process_check_one_duration_format():
+    """'Does this path lie inside that folder once links are resolved' is gencli.safety.lies_inside, 'is process N
+    alive' gencli.io.process_alive, a duration gencli.progress.format_duration: no second copy to drift apart."""
+    sources = {path.relative_to(SRC).as_posix(): path.read_text() for path in SRC.rglob("*.py")}
+    where = {
+        "commonpath(": ["safety.py"], "is_relative_to(": [], "os.kill(pid, 0)": ["io.py"],
+        "def process_alive": ["io.py"], "def _process_alive": [], "def _inside": [], "def inside(": [],
+        "def duration(": [], "def format_duration": ["progress.py"],
+    }
+    found = {needle: sorted(p for p, s in sources.items() if needle in s) for needle in where}
+    assert found == where

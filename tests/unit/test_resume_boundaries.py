@@ -277,6 +277,26 @@ def test_a_checkpoints_folder_that_is_a_link_is_refused_at_set_up(tmp_path):
     assert cb.folder is None and (tmp_path / "x" / "checkpoints" / "last.ckpt").read_bytes() == b"run x's"
 
 
+@pytest.mark.parametrize("guarded", [True, False])
+def test_the_callback_leaves_the_removal_guard_to_the_folder(run, caplog, guarded):
+    """One guard (CheckpointFolder.remove): through gencli's I/O the callback hands the removal on; with another
+    I/O (a library user's Trainer) the folder removes the file itself, with the same checks and warning."""
+    from types import SimpleNamespace
+
+    folder, _, victims, checkpoints = run
+    cb = callback(folder)
+    cb.folder, cb._guarded = checkpoints, guarded
+    removed = []
+    trainer = SimpleNamespace(is_global_zero=True, strategy=SimpleNamespace(
+        remove_checkpoint=lambda path: removed.append(path) or checkpoints.remove(path)))
+    with caplog.at_level(logging.WARNING):
+        cb._remove_checkpoint(trainer, str(folder / "out" / "victim.txt"))
+        cb._remove_checkpoint(trainer, str(folder / "best-000-000025.ckpt"))
+    assert victims["victim.txt"].read_text() == "keep me" and not (folder / "best-000-000025.ckpt").exists()
+    assert caplog.text.count("left ") == 1 and "it lies outside the run's checkpoints folder" in caplog.text
+    assert len(removed) == (2 if guarded else 0)
+
+
 def test_no_folder_declared_removes_nothing(tmp_path, caplog):
     victim = tmp_path / "last.ckpt"
     victim.write_text("keep me")

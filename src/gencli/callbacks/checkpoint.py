@@ -87,6 +87,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
         self.folder: CheckpointFolder | None = None
         self._reports = True  # rank 0 warns about dropped state and kept files; the other ranks do the same quietly
         self._strategy = None  # rank 0's rebuilt state goes to every rank (they must agree on what to save)
+        self._guarded = False  # the trainer's checkpoint I/O is gencli's: it records saves and guards removals
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
@@ -106,6 +107,7 @@ class ModelCheckpoint(LightningModelCheckpoint):
                 io = io.checkpoint_io
             if hasattr(io, "folder"):  # gencli's SafeCheckpointIO: it records every save and guards every removal
                 io.folder = self.folder
+                self._guarded = True
         if trainer.is_global_zero and self.dirpath:
             from gencli.checkpoints import remove_stale_partials
 
@@ -196,19 +198,21 @@ class ModelCheckpoint(LightningModelCheckpoint):
 
     def _save_checkpoint(self, trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
-        # gencli's I/O records every save itself; this covers another I/O (a library user's Trainer)
-        if trainer.is_global_zero and self.folder is not None and os.path.isfile(filepath):
-            self.folder.record(filepath)
+        if not self._guarded and trainer.is_global_zero and self.folder is not None and os.path.isfile(filepath):
+            self.folder.record(filepath)  # another I/O than gencli's (which records every save itself)
 
     def _remove_checkpoint(self, trainer, filepath: str) -> None:
-        # Lightning removes the previous last / k-th best file here; the I/O checks again (a custom one may not)
-        if trainer.is_global_zero:
-            why = self.folder.refusal(filepath) if self.folder is not None else "this run has no local checkpoints folder"
-            if why:
-                log.warning("left %s in place instead of removing it as an old checkpoint: %s. gencli removes only "
-                            "checkpoints it wrote in this run's checkpoints folder.", filepath, why)
-                return
-        super()._remove_checkpoint(trainer, filepath)
+        """Lightning removes the previous last / k-th best file here. gencli's I/O guards every removal
+        (:meth:`gencli.checkpoints.CheckpointFolder.remove`); with another I/O (a library user's Trainer) the
+        folder's guard removes the file itself, so no removal goes unchecked."""
+        if self._guarded:
+            super()._remove_checkpoint(trainer, filepath)
+        elif trainer.is_global_zero:
+            if self.folder is not None:
+                self.folder.remove(filepath)
+            else:
+                log.warning("left %s in place instead of removing it as an old checkpoint: this run has no local "
+                            "checkpoints folder, so gencli cannot tell whether it wrote the file.", filepath)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)

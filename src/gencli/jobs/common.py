@@ -18,6 +18,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from gencli.errors import ConfigError, GencliError, Interrupted
 from gencli.runlock import refused_before_training
+from gencli.safety import lies_inside
 
 
 def user_error(err: BaseException) -> GencliError | None:
@@ -317,7 +318,7 @@ def clean_leftovers_near(out_dir, cfg: DictConfig) -> list[Path]:
     folders = [folder]
     log_dir = (cfg.get("paths") or {}).get("log_dir")
     try:
-        if log_dir and folder.resolve().parent.is_relative_to(Path(str(log_dir)).resolve()):
+        if log_dir and lies_inside(folder.resolve().parent, str(log_dir)):
             parent = folder.resolve().parent
             folders += sorted(p for p in parent.iterdir() if p.is_dir() and not p.is_symlink() and p != folder.resolve())
     except (OSError, ValueError, RuntimeError):

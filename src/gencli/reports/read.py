@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from gencli.safety import lies_inside
+
 #: Bigger files are not read (a report is a summary; these bounds are far above what gencli writes).
 MAX_TEXT_BYTES = 8 * 2**20
 MAX_CSV_BYTES = 256 * 2**20
@@ -65,7 +67,7 @@ def open_inside(path: Path, notes: Notes, *, root: Path, limit: int) -> BinaryIO
     except (OSError, ValueError) as err:
         notes.add(path, f"cannot be read ({getattr(err, 'strerror', None) or err}); left out")
         return None
-    if os.path.commonpath([real, base]) != base:
+    if not lies_inside(real, base):
         notes.add(path, f"is a symbolic link (or lies below one) that leads outside {root}; not read: a report reads "
                         "only the files inside the folder it reports")
         return None
@@ -114,18 +116,14 @@ def read_bytes(path: Path, notes: Notes, *, root: Path, limit: int) -> bytes | N
 
 def leads_outside(path: Path, root: Path) -> bool:
     """Whether ``path``, once every link is followed, lies outside ``root`` (for folders a report would list)."""
-    try:
-        real, base = os.path.realpath(path), os.path.realpath(root)
-        return os.path.commonpath([real, base]) != base
-    except (OSError, ValueError):
-        return True
+    return not lies_inside(path, root)
 
 
 def file_size(path: Path, root: Path) -> int | None:
     """The size of a regular file whose real path is inside ``root``; None for anything else (nothing is read)."""
     try:
-        real, base = os.path.realpath(path), os.path.realpath(root)
-        if os.path.commonpath([real, base]) != base:
+        real = os.path.realpath(path)
+        if not lies_inside(real, root):
             return None
         info = os.stat(real, follow_symlinks=False)
     except (OSError, ValueError):

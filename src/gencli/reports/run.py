@@ -35,6 +35,7 @@ from gencli.reports.read import (
     resolve_references,
     sha256_of,
 )
+from gencli.safety import lies_inside
 
 
 @dataclass
@@ -214,13 +215,6 @@ def metrics_section(folder: Path, pieces: RunFiles, notes: Notes) -> str:
     return "".join(body)
 
 
-def inside(path: Path, folder: Path) -> bool:
-    try:
-        return path.resolve().is_relative_to(folder.resolve())
-    except (OSError, RuntimeError, ValueError):
-        return False
-
-
 def local_copy(folder: Path, recorded: Any) -> Path | None:
     """The file a record names, in this folder: as recorded, or (a folder that was moved or copied) by its path
     below the folder's own name. Only files inside the folder: a record cannot make the report read elsewhere."""
@@ -231,7 +225,7 @@ def local_copy(folder: Path, recorded: Any) -> Path | None:
     parts = path.parts
     if folder.name in parts:  # /elsewhere/<run>/checkpoints/last.ckpt -> <this folder>/checkpoints/last.ckpt
         candidates.append(folder.joinpath(*parts[len(parts) - parts[::-1].index(folder.name):]))
-    return next((c for c in candidates if inside(c, folder) and c.is_file()), None)
+    return next((c for c in candidates if lies_inside(c, folder) and c.is_file()), None)
 
 
 def file_facts(folder: Path, recorded: Any, notes: Notes) -> tuple[Any, Any]:
@@ -279,7 +273,7 @@ def related_runs(folder: Path, roots: list[str]) -> list[Path]:
                         record = read_json(path / "job.json", Notes(), root=path, limit=2**20) or {}
                         overrides = record.get("overrides") if isinstance(record.get("overrides"), list) else []
                         ckpts = [str(o).split("=", 1)[1] for o in overrides if str(o).startswith("ckpt=")]
-                        if any(inside(Path(c), folder) for c in ckpts):
+                        if any(lies_inside(Path(c), folder) for c in ckpts):
                             found[path] = None
                     following.append(path)
             level = following
