@@ -129,8 +129,10 @@ def model_outline(cfg: DictConfig, point: ResumePoint):
         stored = (point.checkpoint["gencli"].get("config") or {}).get("model") or {}
         if node.get("conditional"):
             for key in ("num_classes", "class_names"):
-                if node.get(key) is None and stored.get(key) is not None:
-                    node[key] = stored[key]
+                value = stored.get(key)  # plain data only: this node is instantiated below
+                plain = isinstance(value, int) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+                if node.get(key) is None and plain:
+                    node[key] = value
     except Exception as err:  # noqa: BLE001 - left to the job, which builds the model anyway
         log.debug("resume pre-flight: the model config could not be read here (%s)", err)
         return None
