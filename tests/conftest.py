@@ -118,6 +118,28 @@ def run_gencli(tmp_path):
     return _run
 
 
+def gencli_in_process(argv: list[str], cwd: Path | None = None) -> tuple[int, str]:
+    """``gencli ARGV`` through the real entry point in this process (pre-flight, Hydra, the job): its exit code and
+    stderr. A fresh Hydra before and after, so calls do not see each other's global state."""
+    import contextlib
+    import io
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from gencli.cli import main
+
+    GlobalHydra.instance().clear()
+    err = io.StringIO()
+    with contextlib.chdir(cwd) if cwd is not None else contextlib.nullcontext(), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else 1
+    GlobalHydra.instance().clear()
+    return code, err.getvalue()
+
+
 def describe(result: subprocess.CompletedProcess) -> str:
     return f"exit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
-import io
 import json
 import os
 import pickle
@@ -23,10 +22,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import blob_digits, write_idx
-from gencli.cli import main
+from conftest import blob_digits, gencli_in_process, write_idx
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "errors.md"
 
@@ -52,16 +49,7 @@ def test_the_catalogue_is_complete():
 
 
 def run(argv: list[str]) -> tuple[int, str]:
-    GlobalHydra.instance().clear()
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    GlobalHydra.instance().clear()
-    return code, err.getvalue()
+    return gencli_in_process(argv)
 
 
 @pytest.fixture(scope="module")

@@ -8,30 +8,17 @@ test_metric_maths.py, the schema's messages in test_schema.py.)
 
 from __future__ import annotations
 
-import contextlib
-import io
-
 import numpy as np
 import pytest
-from hydra.core.global_hydra import GlobalHydra
 
-from gencli.cli import main
+from conftest import gencli_in_process
 from gencli.errors import ConfigError
 from gencli.metrics.sources import FileSource
 
 
 def run(argv: list[str], cwd) -> tuple[int, str]:
     """``gencli ARGV`` in-process through the real entry point: (exit code, stderr)."""
-    GlobalHydra.instance().clear()
-    err = io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    GlobalHydra.instance().clear()
-    return code, err.getvalue()
+    return gencli_in_process(argv, cwd)
 
 
 def paragraph(stderr: str) -> str:

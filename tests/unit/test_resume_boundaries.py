@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import json
 import logging
 import os
@@ -23,14 +22,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra.core.global_hydra import GlobalHydra
 
-from conftest import describe
+from conftest import describe, gencli_in_process
 from conftest import gencli as gencli_process
 from gencli.callbacks.checkpoint import ModelCheckpoint, checkpoint_naming
 from gencli.checkpoint_io import SafeCheckpointIO
 from gencli.checkpoints import WRITTEN_RECORD, CheckpointFolder, save_failure
-from gencli.cli import main
 
 BEST, LAST = checkpoint_naming("best-{epoch:03d}-{step:06d}", auto_insert_metric_name=False)
 EITHER = __import__("re").compile(f"(?:{BEST.pattern})|(?:{LAST.pattern})")
@@ -371,16 +368,7 @@ TRAIN = ["train", "model=ae", "data.image_size=8", "callbacks=minimal", "callbac
 
 
 def gencli(argv: list[str]) -> tuple[int, str]:
-    GlobalHydra.instance().clear()
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else 1
-    GlobalHydra.instance().clear()
-    return code, err.getvalue()
+    return gencli_in_process(argv)
 
 
 def checkpoint_state(checkpoint: dict) -> dict:
