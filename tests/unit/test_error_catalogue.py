@@ -143,6 +143,17 @@ def make_files(tmp: Path, ckpt: Path) -> dict[str, str]:
     fd = os.open(busy / ".gencli.lock", os.O_RDWR)
     fcntl.flock(fd, fcntl.LOCK_EX)  # flock locks belong to the open file: the CLI's own open in this process conflicts
     files["busy"] = str(busy)
+    # run folders holding an entry gencli, Hydra or Lightning would write through (a crafted or copied folder)
+    victim = tmp / "victim.txt"
+    victim.write_text("precious\n")
+    runs = tmp / "outputs" / "train" / "runs"
+    for name in ("linked_lock", "linked_checkpoints", "hardlinked_log"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "train.log").write_text("a finished run\n")
+    (runs / "linked_lock" / ".gencli.lock").symlink_to(victim)
+    (runs / "linked_checkpoints" / "checkpoints").symlink_to(runs / "taken" / "checkpoints", target_is_directory=True)
+    (runs / "hardlinked_log" / "train.log").unlink()
+    os.link(victim, runs / "hardlinked_log" / "train.log")
     # 8x8 samples whose labels array holds a class no data set has (10**12 at index 3)
     labels = np.arange(8) % 10
     labels[3] = 10**12
