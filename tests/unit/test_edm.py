@@ -6,7 +6,8 @@ where they must be to run here: float64 instead of EDM's float32 casts, a plain 
 model, ``torch.randn_like`` replaced by draws from a seeded generator, and a list that records x after each step.
 The same noise reaches both implementations; they must agree to float64 rounding (rtol 1e-12).
 Closed-form checks use Gaussian data N(mu, s^2 I), whose ideal denoiser is D(x; sigma) = (s^2 x + sigma^2 mu) /
-(s^2 + sigma^2) and whose probability-flow ODE maps x at sigma_max to mu + s (x / sqrt(s^2 + sigma_max^2) - ...).
+(s^2 + sigma^2) and whose probability-flow ODE keeps (x - mu) / sqrt(s^2 + sigma^2) fixed, so it maps x at sigma_max
+to mu + s (x - mu) / sqrt(s^2 + sigma_max^2) at sigma = 0.
 """
 
 from __future__ import annotations
@@ -366,3 +367,26 @@ def test_bad_model_settings_are_refused_by_name():
         EDMPreconditioning(FakeNet(), sigma_min=1, sigma_max=1)
     with pytest.raises(ConfigError, match="model.P_std=-1"):
         EDMLoss(P_std=-1)
+
+
+def test_preconditioned_mlp_trains_on_gaussian_data_and_samples_it():
+    """The pieces together on gencli's MLP denoiser (float32): EDMLoss trains it, EDMSampler samples the data."""
+    from gencli.nets.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    mu, sd = torch.tensor([0.5, -0.3]), 0.2
+    g = gen(0)
+    model = EDMPreconditioning(MLPDenoiser(2, hidden=64, depth=2, time_dim=32))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = EDMLoss()
+    for _ in range(300):
+        loss, _ = loss_fn(model, mu + sd * torch.randn(256, 2, generator=g), generator=g)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    sampler = EDMSampler(steps=18)
+    out = sampler.sample(lambda x, s, clip: model(x, s), torch.randn(4000, 2, generator=gen(1)))
+    assert sampler.last_nfe == 35
+    # measured (400 steps): mean (0.48, -0.27), std (0.22, 0.22)
+    assert (out.mean(0) - mu).abs().max() < 0.06
+    assert ((out.std(0) / sd - 1).abs() < 0.25).all()

@@ -211,3 +211,26 @@ def test_flow_velocity_scales_time_for_the_net_and_passes_labels():
 def test_bad_settings_are_refused_by_name(build, match):
     with pytest.raises(ConfigError, match=match):
         build()
+
+
+def test_flow_mlp_trains_on_gaussian_data_and_samples_it():
+    """The pieces together on gencli's MLP denoiser (float32): the loss trains it, Heun samples the data."""
+    from gencli.nets.mlp import MLPDenoiser
+
+    torch.manual_seed(0)
+    mu, sd = torch.tensor([0.5, -0.3]), 0.2
+    g = gen(0)
+    model = FlowVelocity(MLPDenoiser(2, hidden=64, depth=2, time_dim=32))
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    loss_fn = FlowMatchingLoss(coupling="ot")
+    for _ in range(300):
+        loss, _ = loss_fn(model, mu + sd * torch.randn(128, 2, generator=g), generator=g)
+        opt.zero_grad()
+        loss.mean().backward()
+        opt.step()
+    sampler = FlowSampler("heun", 10)
+    out = sampler.sample(model, torch.randn(4000, 2, generator=gen(1)))
+    assert sampler.last_nfe == 20
+    # measured (400 steps, independent coupling): mean (0.51, -0.31), std (0.20, 0.20)
+    assert (out.mean(0) - mu).abs().max() < 0.06
+    assert ((out.std(0) / sd - 1).abs() < 0.25).all()
