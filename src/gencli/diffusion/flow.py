@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from gencli.diffusion.samplers import randn
@@ -71,6 +70,8 @@ class FlowVelocity(nn.Module):
 def ot_pairing(noise: Tensor, data: Tensor) -> Tensor:
     """The permutation ``perm`` minimising sum_i ||data_i - noise_perm[i]||^2 (exact, Hungarian algorithm via
     scipy); ``noise[perm]`` is then paired with ``data`` row by row."""
+    from scipy.optimize import linear_sum_assignment  # scipy comes with scikit-learn, a core dependency
+
     if len(noise) != len(data):
         raise ValueError(f"OT pairing needs as many noise rows as data rows ({len(noise)} vs {len(data)})")
     cost = torch.cdist(data.detach().flatten(1).double().cpu(), noise.detach().flatten(1).double().cpu()) ** 2
