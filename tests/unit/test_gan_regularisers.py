@@ -6,8 +6,13 @@ import pytest
 import torch
 
 from gencli.errors import ConfigError
-from gencli.nets.regularisers import (LazyRegulariser, PathLengthPenalty, lazy_adam_hparams, r1_grad_norms,
-                                      r1_penalty)
+from gencli.nets.regularisers import (
+    LazyRegulariser,
+    PathLengthPenalty,
+    lazy_adam_hparams,
+    r1_grad_norms,
+    r1_penalty,
+)
 
 
 def test_r1_matches_analytic_gradient_of_toy_discriminator():

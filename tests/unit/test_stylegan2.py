@@ -7,8 +7,16 @@ import torch
 import torch.nn.functional as F
 
 from gencli.errors import ConfigError
-from gencli.nets.stylegan2 import (EqualLinear, MappingNetwork, ModulatedConv2d, StyleGAN2Discriminator,
-                                   StyleGAN2Generator, minibatch_stddev, modulated_conv2d, truncate)
+from gencli.nets.stylegan2 import (
+    EqualLinear,
+    MappingNetwork,
+    ModulatedConv2d,
+    StyleGAN2Discriminator,
+    StyleGAN2Generator,
+    minibatch_stddev,
+    modulated_conv2d,
+    truncate,
+)
 
 
 def test_modulated_conv_matches_direct_per_sample_computation():
@@ -123,7 +131,7 @@ def test_minibatch_stddev_appends_group_std():
     assert y.shape == (4, 7, 4, 4)
     torch.testing.assert_close(y[:, :6], x)
     # groups are samples {0, 2} and {1, 3} (reshape(G, -1, ...)): the std of each pair, averaged
-    std02 = ((x[0] - x[2]) / 2).abs().add(0).square().add(1e-8).sqrt().mean()
+    std02 = ((x[0] - x[2]).square() / 4 + 1e-8).sqrt().mean()
     torch.testing.assert_close(y[0, 6, 0, 0], std02, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(y[0, 6], y[2, 6])
 
@@ -135,3 +143,35 @@ def test_bad_sizes_are_config_errors():
         StyleGAN2Generator(image_size=8, style_mixing_prob=2)
     with pytest.raises(ConfigError):
         EqualLinear(4, 4, lr_mul=0)
+
+
+def test_one_training_step_with_r1_path_length_and_augmentation():
+    """The pieces together on CPU: D step with R1 on augmented reals, G step and the path-length pass through
+    mapping_ws/synthesis; every parameter of both nets gets a finite gradient."""
+    from gencli.nets.augment import AugmentPipe, DiffAugment
+    from gencli.nets.regularisers import PathLengthPenalty, r1_penalty
+
+    torch.manual_seed(0)
+    G = StyleGAN2Generator(latent_dim=8, out_channels=3, image_size=8, w_dim=16, mapping_layers=2,
+                           channel_base=64, max_channels=16, num_classes=2)
+    D = StyleGAN2Discriminator(in_channels=3, image_size=8, channel_base=64, max_channels=16, num_classes=2)
+    for aug in (DiffAugment(), AugmentPipe(p=0.5)):
+        G.zero_grad()
+        D.zero_grad()
+        reals, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 0, 1])
+        z = torch.randn(4, 8)
+        reals = reals.requires_grad_(True)
+        d_real = D(aug(reals), y)
+        d_fake = D(aug(G(z, y).detach()), y)
+        loss_d = F.softplus(d_fake).mean() + F.softplus(-d_real).mean() + r1_penalty(d_real, reals, 1.0) * 16
+        loss_d.backward()
+        for name, p in D.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        loss_g = F.softplus(-D(aug(G(z, y)), y)).mean()
+        ws = G.mapping_ws(z[:2], y[:2])
+        loss_g = loss_g + PathLengthPenalty()(G.synthesis(ws), ws) * 4
+        loss_g.backward()
+        for name, p in G.named_parameters():
+            if name.endswith("noise_strength"):
+                continue  # starts at 0; its gradient may be any number
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
