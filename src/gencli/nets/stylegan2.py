@@ -278,7 +278,8 @@ class StyleGAN2Generator(nn.Module):
     ``style_mixing_prob``: in training mode, with this probability per batch the ws from index k on (k uniform in
     [1, num_ws)) come from a second latent (the paper's mixing regularisation; 0.9 there, 0 turns it off).
     The defaults (channel_base 1024, max_channels 128, w_dim 128) are small enough for a CPU; the paper's 32x32
-    CIFAR setting is channel_base 16384, max_channels 512, w_dim 512, mapping_layers 2."""
+    CIFAR setting (stylegan2-ada --cfg=cifar) is channel_base 32768, max_channels 512, w_dim 512, mapping_layers 2,
+    with style mixing and path length off."""
 
     def __init__(self, latent_dim: int = 128, out_channels: int = 3, image_size: int = 32,
                  w_dim: int = 128, channel_base: int = 1024, max_channels: int = 128, mapping_layers: int = 8,
