@@ -1,6 +1,7 @@
 """The KL autoencoder of latent diffusion (issue 27): shapes for each f, the diagonal Gaussian, and the state-dict
-mapping to diffusers' AutoencoderKL (checked against its layout transcribed from the diffusers source, since
-diffusers is not installed)."""
+mapping to diffusers' AutoencoderKL: checked against its layout transcribed from the diffusers source and a
+written-out diffusers decode (these need no diffusers), and against the installed diffusers where it is present
+(the test extra; skipped otherwise)."""
 
 import math
 
@@ -403,3 +404,39 @@ def test_export_config_and_refusal():
     assert cfg["mid_block_add_attention"] is False and cfg["scaling_factor"] == 0.5 and cfg["in_channels"] == 1
     with pytest.raises(ConfigError, match=r"ch_mult=\[2, 4\].*ch_mult\[0\] = 1"):
         check_exportable(KLAutoencoder(3, 8, ch=4, ch_mult=[2, 4], norm_groups=4).config)
+
+
+# ----------------------------------------------------------------------------- the installed diffusers, where present
+@pytest.mark.parametrize("mid_attention", [True, False])
+def test_weights_load_strictly_into_diffusers_autoencoder_kl_and_it_computes_the_same(mid_attention):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    net = KLAutoencoder(3, 16, ch=8, ch_mult=[1, 2, 2], num_res_blocks=1, z_channels=3, norm_groups=4,
+                        mid_attention=mid_attention).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    config = diffusers_config(net.config, scaling_factor=0.5)
+    assert config.pop("_class_name") == "AutoencoderKL"
+    theirs = diffusers.AutoencoderKL(**config).eval()
+    assert {k: tuple(v.shape) for k, v in theirs.state_dict().items()} == layout_of(net)
+    theirs.load_state_dict(to_diffusers(net.state_dict()), strict=True)
+    x, z = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 4, 4)
+    with torch.no_grad():
+        ours, dist = net.encode(x), theirs.encode(x).latent_dist
+        torch.testing.assert_close(dist.mean, ours.mean, atol=1e-4, rtol=0)
+        torch.testing.assert_close(dist.logvar, ours.logvar, atol=1e-4, rtol=0)
+        torch.testing.assert_close(theirs.decode(z).sample, net.decode(z), atol=1e-4, rtol=0)
+    back = from_diffusers(theirs.state_dict())
+    assert all(torch.equal(back[k], v) for k, v in net.state_dict().items()) and len(back) == len(net.state_dict())
+
+
+def test_stable_diffusions_vae_layout_in_the_installed_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    with torch.device("meta"):
+        net = KLAutoencoder(3, 256, ch=128, ch_mult=[1, 2, 4, 4], num_res_blocks=2, z_channels=4)
+        config = diffusers_config(net.config, scaling_factor=0.18215)
+        config.pop("_class_name")
+        theirs = diffusers.AutoencoderKL(**config)
+    shapes = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    assert shapes == layout_of(net) == {k: tuple(v.shape) for k, v in to_diffusers(net.state_dict()).items()}

@@ -33,7 +33,7 @@ published KL autoencoder).
 from __future__ import annotations
 
 import re
-from typing import Callable
+from collections.abc import Callable
 
 from torch import Tensor
 
