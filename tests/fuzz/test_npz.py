@@ -21,7 +21,7 @@ DESCRS = ["|u1", "<f8", "|O", "<i8", ">u2", "|b1", "<U3", "|V4", "<c16", "|i1", 
 
 def npy_bytes(descr: str, fortran: bool, shape: tuple, payload: bytes, header: str | None = None) -> bytes:
     text = header if header is not None else (
-        "{'descr': %r, 'fortran_order': %r, 'shape': %r, }" % (descr, fortran, tuple(shape)))
+        f"{{'descr': {descr!r}, 'fortran_order': {fortran!r}, 'shape': {tuple(shape)!r}, }}")
     raw = text.encode("latin1", "replace")
     pad = 64 - (10 + len(raw) + 1) % 64
     return b"\x93NUMPY\x01\x00" + struct.pack("<H", len(raw) + pad + 1) + raw + b" " * pad + b"\n" + payload
