@@ -38,9 +38,12 @@ def fuzz_settings(max_examples: int, deep: bool = False):
     """Hypothesis settings of a fuzz test: no deadline (one example is a whole gencli command, ~0.3 s), no shrinking
     (each shrink step is another command; the first failing example is reported as found), no example database in
     the working tree. The fast part (``make test``) is derandomized, so it finds the same examples on every run and
-    a red test always means a change in gencli; the deep part (``-m slow``) draws new examples on every run."""
+    a red test always means a change in gencli; the deep part (``-m slow``) draws new examples on every run
+    (GENCLI_FUZZ_DEEP_EXAMPLES=N sets its examples per test)."""
     from hypothesis import HealthCheck, Phase, settings
 
+    if deep and os.environ.get("GENCLI_FUZZ_DEEP_EXAMPLES"):  # a shorter (or longer) deep run: examples per test
+        max_examples = int(os.environ["GENCLI_FUZZ_DEEP_EXAMPLES"])
     return settings(max_examples=max_examples, deadline=None, suppress_health_check=list(HealthCheck), database=None,
                     phases=(Phase.explicit, Phase.generate), derandomize=not deep, print_blob=True)
 
