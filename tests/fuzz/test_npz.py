@@ -91,7 +91,11 @@ ROLES = ["samples", "ref", "input"]
 #: exactly these are tolerated here, and each has a strict xfail seed below that fails once it is fixed.
 KNOWN = {"D1": r"MemoryError|ArrayMemoryError|Unable to allocate|array is too big|Maximum allowed size exceeded",
          "D2": r"BadZipFile|zlib.error|EOFError|Bad CRC|Error -3 while decompressing|zipfile",
-         "D3": r"'NpzFile' object has no attribute"}
+         "D3": r"'NpzFile' object has no attribute",
+         "D20": r"object does not support the context manager protocol",
+         "D21": r"tokenize.TokenError",
+         "D22": r"memory mapped length must be positive",
+         "D23": r"'bytes' object has no attribute"}
 
 
 def fuzz_npz(world, role: str, data: bytes, suffix: str = ".npz") -> None:
@@ -170,4 +174,51 @@ def test_an_npz_named_npy_is_one_paragraph(world, role):
     with scratch(world.scratch) as folder:
         path = folder / "renamed.npy"
         path.write_bytes(world.good_npz.read_bytes())
+        check(run([*argv_for(role, path, world), f"run_name={harness.unique()}"], folder), names=[str(path)])
+
+
+def npy_of(array) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def npz_with_member(data: bytes) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("images.npy", data)
+    return buffer.getvalue()
+
+
+#: found by the deep run: (file name, bytes, roles, defect, what happens)
+DEEP_FINDS = {
+    "an .npy named .npz": ("plain.npz", lambda: npy_of(np.zeros((8, 8, 8), np.uint8)), ROLES, "D20",
+                           "an .npy named .npz is a TypeError traceback (np.load returns an array, used as a context "
+                           "manager)"),
+    "a garbled .npy header": ("garbled.npy", lambda: npy_bytes("", False, (), b"", header="O{r\x04@"),
+                              ["samples", "ref"], "D21", "an .npy whose header is not a dict literal is a "
+                                                         "tokenize.TokenError traceback"),
+    "an .npy with a negative dimension": ("negative.npy", lambda: npy_bytes("|V4", True, (200, -1, 71, 200, 200),
+                                                                                  b"\x00"),
+                                          ["samples", "ref"], "D22", "an .npy declaring a negative dimension is an "
+                                                                     "OverflowError traceback (mmap length)"),
+    "an .npz member that is no .npy": ("raw.npz", lambda: npz_with_member(b""), ROLES, "D23",
+                                       "an .npz whose images member is not an .npy is an AttributeError traceback "
+                                       "('bytes' object has no attribute 'dtype')"),
+}
+
+
+def deep_find_cases():
+    for name, (_, _, roles, defect, why) in DEEP_FINDS.items():
+        for role in roles:
+            yield pytest.param(name, role, marks=[pytest.mark.xfail(strict=True, reason=f"defect {defect}: {why}")],
+                               id=f"{name}-{role}")
+
+
+@pytest.mark.parametrize("name, role", list(deep_find_cases()))
+def test_what_the_deep_run_found(world, name, role):
+    file_name, make, _, _, _ = DEEP_FINDS[name]
+    with scratch(world.scratch) as folder:
+        path = folder / file_name
+        path.write_bytes(make())
         check(run([*argv_for(role, path, world), f"run_name={harness.unique()}"], folder), names=[str(path)])
